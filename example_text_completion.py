@@ -1,0 +1,53 @@
+"""Complete a few prompts with a pretrained Llama 2 model.
+
+    torchrun --nproc_per_node 1 example_text_completion.py --ckpt_dir llama-2-7b/ --tokenizer_path tokenizer.model
+"""
+
+from typing import Optional
+
+import fire
+
+from llama import Llama
+from llama.runtime import print_rank0
+
+PROMPTS = [
+    # plain prompts: the model continues the text
+    "I believe the meaning of life is",
+    "Simply put, the theory of relativity states that ",
+    """A brief message congratulating the team on the launch:
+
+        Hi everyone,
+
+        I just """,
+    # few-shot prompt: examples show the task, the model completes the pattern
+    """Translate English to French:
+
+        sea otter => loutre de mer
+        peppermint => menthe poivrée
+        plush girafe => girafe peluche
+        cheese =>""",
+]
+
+
+def main(
+    ckpt_dir: str,
+    tokenizer_path: str,
+    temperature: float = 0.6,
+    top_p: float = 0.9,
+    max_seq_len: int = 128,
+    max_gen_len: int = 64,
+    max_batch_size: int = 4,
+    device: Optional[str] = None,
+    dtype: Optional[str] = None,
+):
+    """Run the example prompts; --device (cpu, cuda, mps) and --dtype (bf16, fp16, fp32) override the defaults."""
+    generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype)
+    results = generator.text_completion(PROMPTS, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
+    for prompt, result in zip(PROMPTS, results):
+        print_rank0(prompt)
+        print_rank0(f"> {result['generation']}")
+        print_rank0("\n==================================\n")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

@@ -1,0 +1,245 @@
+"""Llama.build loads a checkpoint; generate / text_completion / chat_completion run it."""
+
+import time
+from typing import List, Optional, Tuple, TypedDict
+
+import torch
+import torch.nn.functional as F
+
+from llama import runtime
+from llama.chat import UNSAFE_ERROR, Dialog, Message, encode_dialog, has_special_tags, validate_dialog
+from llama.checkpoint import find_shards, load_rank_state_dict, no_fairscale_init, read_params
+from llama.model import ModelArgs, Transformer
+from llama.tokenizer import Tokenizer
+
+
+class CompletionPrediction(TypedDict, total=False):
+    generation: str
+    tokens: List[str]  # not required
+    logprobs: List[float]  # not required
+
+
+class ChatPrediction(TypedDict, total=False):
+    generation: Message
+    tokens: List[str]  # not required
+    logprobs: List[float]  # not required
+
+
+def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus sampling: draw from the smallest set of top tokens whose mass reaches p. probs (B, V) -> ids (B,)."""
+    sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    sorted_probs = sorted_probs.masked_fill(mass_before > p, 0.0)
+    choice = torch.multinomial(sorted_probs / sorted_probs.sum(dim=-1, keepdim=True), num_samples=1)
+    return sorted_ids.gather(-1, choice).squeeze(-1)
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Next token ids (B,) from last-position logits (B, V): greedy at temperature 0, else top-p sampling."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    return sample_top_p(torch.softmax(logits / temperature, dim=-1), top_p)
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """log p(targets[:, t] | logits[:, t]) for logits (B, S, V) and targets (B, S); 0 where targets are padding."""
+    return -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none", ignore_index=pad_id)
+
+
+class Llama:
+    @staticmethod
+    def build(
+        ckpt_dir: str,
+        tokenizer_path: str,
+        max_seq_len: int,
+        max_batch_size: int,
+        model_parallel_size: Optional[int] = None,
+        seed: int = 1,
+        device: Optional[str] = None,
+        dtype: Optional[str] = None,
+    ) -> "Llama":
+        """Load a Meta checkpoint (any shard count) on this process group; device and dtype default to the best
+        available (CUDA bf16/fp16, Apple MPS, else CPU bf16)."""
+        if max_seq_len < 1 or max_batch_size < 1:
+            raise ValueError(f"max_seq_len ({max_seq_len}) and max_batch_size ({max_batch_size}) must be positive")
+        # Check the files before any process group or compute is set up.
+        params = read_params(ckpt_dir)
+        find_shards(ckpt_dir)
+        tokenizer = Tokenizer(tokenizer_path)
+        args = ModelArgs.from_params(params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+        if args.vocab_size == -1:
+            args.vocab_size = tokenizer.n_words
+        elif args.vocab_size != tokenizer.n_words:
+            raise ValueError(
+                f"tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but the checkpoint's params.json says "
+                f"vocab_size={args.vocab_size}: use the tokenizer.model that came with this checkpoint"
+            )
+
+        rt = runtime.setup(model_parallel_size, device, dtype)
+        args.check_model_parallel_size(rt.model_parallel_size)
+        # Every rank seeds alike, so every rank samples the same tokens and the shards stay in step.
+        torch.manual_seed(seed)
+
+        start = time.perf_counter()
+        state = load_rank_state_dict(ckpt_dir, args, rt.model_parallel_rank, rt.model_parallel_size, rt.dtype, rt.device)
+        embedding_rows = state["tok_embeddings.weight"].shape[0] if "tok_embeddings.weight" in state else None
+        if embedding_rows is not None and embedding_rows != tokenizer.n_words:
+            raise ValueError(
+                f"tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but the checkpoint's embedding has "
+                f"{embedding_rows} rows: use the tokenizer.model that came with this checkpoint"
+            )
+        with no_fairscale_init():
+            model = Transformer(args)
+        expected = set(model.state_dict())
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise ValueError(
+                f"checkpoint in {ckpt_dir} does not match its params.json: missing keys {missing[:8]}, "
+                f"unexpected keys {unexpected[:8]}"
+            )
+        try:
+            model.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as err:  # shape mismatches
+            raise ValueError(f"checkpoint in {ckpt_dir} does not match its params.json: {err}") from err
+        model.setup_caches(max_batch_size, max_seq_len)
+        model.eval()
+        runtime.print_rank0(f"Loaded in {time.perf_counter() - start:.2f} seconds")
+        return Llama(model, tokenizer)
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+
+    def _check_generate_args(self, prompt_tokens, max_gen_len, temperature, top_p) -> None:
+        params = self.model.params
+        if not prompt_tokens:
+            raise ValueError("no prompts given")
+        if len(prompt_tokens) > params.max_batch_size:
+            raise ValueError(
+                f"{len(prompt_tokens)} prompts exceed max_batch_size={params.max_batch_size}; "
+                "build with a larger max_batch_size or pass fewer prompts"
+            )
+        for i, tokens in enumerate(prompt_tokens):
+            if not tokens:
+                raise ValueError(f"prompt {i} is empty")
+            if len(tokens) > params.max_seq_len:
+                raise ValueError(
+                    f"prompt {i} is {len(tokens)} tokens long, longer than max_seq_len={params.max_seq_len}; "
+                    "shorten it or build with a larger max_seq_len"
+                )
+        if max_gen_len < 1:
+            raise ValueError(f"max_gen_len must be at least 1, got {max_gen_len}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt_tokens: List[List[int]],
+        max_gen_len: int,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        logprobs: bool = False,
+        echo: bool = False,
+    ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
+        """Continue each prompt; returns generated ids per prompt (prompt included with echo) cut at the first
+        generated EOS, and each token's log-probability when asked (the first prompt token has none: 0.0)."""
+        self._check_generate_args(prompt_tokens, max_gen_len, temperature, top_p)
+        pad_id, eos_id = self.tokenizer.pad_id, self.tokenizer.eos_id
+        device = self.model.tok_embeddings.weight.device
+        bsz = len(prompt_tokens)
+        prompt_lens = [len(t) for t in prompt_tokens]
+        min_prompt_len, max_prompt_len = min(prompt_lens), max(prompt_lens)
+        total_len = min(self.model.params.max_seq_len, max_gen_len + max_prompt_len)
+
+        tokens = torch.full((bsz, total_len), pad_id, dtype=torch.long, device=device)
+        for i, t in enumerate(prompt_tokens):
+            tokens[i, : len(t)] = torch.tensor(t, dtype=torch.long, device=device)
+        is_prompt = tokens != pad_id
+        all_logprobs = torch.zeros((bsz, total_len), dtype=torch.float, device=device) if logprobs else None
+        eos_reached = torch.zeros(bsz, dtype=torch.bool, device=device)
+
+        if logprobs and min_prompt_len == total_len:  # nothing to generate, but the prompts' logprobs are asked for
+            logits = self.model.forward(tokens, 0)
+            all_logprobs[:, 1:] = token_logprobs(logits[:, :-1], tokens[:, 1:], pad_id)
+
+        # The common prefix of all prompts is fed at once; then one position per step, where rows still inside
+        # their prompt take the prompt's token instead of the sampled one.
+        prev_pos = 0
+        for cur_pos in range(min_prompt_len, total_len):
+            logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos)
+            next_token = sample_next(logits[:, -1], temperature, top_p)
+            next_token = torch.where(is_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
+            tokens[:, cur_pos] = next_token
+            if logprobs:
+                all_logprobs[:, prev_pos + 1 : cur_pos + 1] = token_logprobs(
+                    logits, tokens[:, prev_pos + 1 : cur_pos + 1], pad_id
+                )
+            eos_reached |= ~is_prompt[:, cur_pos] & (next_token == eos_id)
+            prev_pos = cur_pos
+            if eos_reached.all():
+                break
+
+        out_tokens, out_logprobs = [], []
+        token_rows = tokens.tolist()
+        logprob_rows = all_logprobs.tolist() if logprobs else None
+        for i, prompt_len in enumerate(prompt_lens):
+            start = 0 if echo else prompt_len
+            end = min(prompt_len + max_gen_len, total_len)
+            generated = token_rows[i][prompt_len:end]
+            if eos_id in generated:  # cut at the first EOS the model produced, never at one inside the prompt
+                end = prompt_len + generated.index(eos_id)
+            out_tokens.append(token_rows[i][start:end])
+            if logprobs:
+                out_logprobs.append(logprob_rows[i][start:end])
+        return out_tokens, (out_logprobs if logprobs else None)
+
+    def text_completion(
+        self,
+        prompts: List[str],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+        echo: bool = False,
+    ) -> List[CompletionPrediction]:
+        """Complete each prompt string; max_gen_len defaults to max_seq_len - 1."""
+        if max_gen_len is None:
+            max_gen_len = self.model.params.max_seq_len - 1
+        prompt_tokens = [self.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
+        generations, generation_logprobs = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo)
+        results = []
+        for i, ids in enumerate(generations):
+            result: CompletionPrediction = {"generation": self.tokenizer.decode(ids)}
+            if logprobs:
+                result["tokens"] = [self.tokenizer.decode([x]) for x in ids]
+                result["logprobs"] = generation_logprobs[i]
+            results.append(result)
+        return results
+
+    def chat_completion(
+        self,
+        dialogs: List[Dialog],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+    ) -> List[ChatPrediction]:
+        """Reply to each dialog as the assistant, in the Llama 2 chat format."""
+        if max_gen_len is None:
+            max_gen_len = self.model.params.max_seq_len - 1
+        for i, dialog in enumerate(dialogs):
+            validate_dialog(dialog, i)
+        prompt_tokens = [encode_dialog(self.tokenizer, d) for d in dialogs]
+        generations, generation_logprobs = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs)
+        results = []
+        for i, (dialog, ids) in enumerate(zip(dialogs, generations)):
+            content = UNSAFE_ERROR if has_special_tags(dialog) else self.tokenizer.decode(ids)
+            result: ChatPrediction = {"generation": {"role": "assistant", "content": content}}
+            if logprobs:
+                result["tokens"] = [self.tokenizer.decode([x]) for x in ids]
+                result["logprobs"] = generation_logprobs[i]
+            results.append(result)
+        return results

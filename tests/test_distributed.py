@@ -1,0 +1,37 @@
+"""Model-parallel runs under torchrun (gloo on the CPU) agree with one process."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import mp_worker
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def torchrun(nproc: int, ckpt_dir, tokenizer_path, out_file, script=os.path.join(HERE, "mp_worker.py")):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script,
+           str(ckpt_dir), str(tokenizer_path), str(out_file)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return torch.load(out_file, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def single_process(tiny_dir, tokenizer_path):
+    """Reference results from the 1-shard checkpoints in this process."""
+    return {config: mp_worker.run(str(tiny_dir / f"{config}-mp1"), tokenizer_path) for config in ("mha", "gqa")}
+
+
+@pytest.mark.parametrize("config", ["mha", "gqa"])
+def test_two_shards_on_two_processes_match_one_process(tiny_dir, tokenizer_path, single_process, tmp_path, config):
+    result = torchrun(2, tiny_dir / f"{config}-mp2", tokenizer_path, tmp_path / "out.pt")
+    reference = single_process[config]
+    assert result["world_size"] == 2
+    assert (result["logits"] - reference["logits"]).abs().max().item() <= 1e-5
+    assert result["tokens"] == reference["tokens"]

@@ -1,0 +1,170 @@
+"""generate / text_completion semantics: greedy batching, logprobs, echo, sampling, and bad input."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from llama import Llama
+from llama.generation import sample_top_p
+
+
+def test_batch_of_different_lengths_matches_each_prompt_alone(build):
+    generator = build("gqa")
+    prompts = [[1, 40, 41, 42, 43, 44, 45, 46], [1, 50, 51], [1, 60, 61, 62, 63, 64]]
+    batched, _ = generator.generate(prompts, max_gen_len=12, temperature=0)
+    alone = [generator.generate([p], max_gen_len=12, temperature=0)[0][0] for p in prompts]
+    assert batched == alone
+    assert all(len(t) == 12 for t in batched)  # random weights rarely emit EOS; if they did, this shows it
+
+
+def test_greedy_tokens_are_argmax_of_full_forward(build):
+    generator = build("mha")
+    prompt = [1, 100, 200, 300]
+    out, _ = generator.generate([prompt], max_gen_len=6, temperature=0)
+    seq = prompt + out[0]
+    with torch.inference_mode():
+        logits = generator.model.forward(torch.tensor([seq]), 0)
+    expected = logits[0, len(prompt) - 1 : -1].argmax(-1).tolist()
+    assert out[0] == expected
+
+
+def test_logprobs_are_log_softmax_of_the_previous_position(build):
+    generator = build("mha")
+    prompts = [[1, 100, 200, 300, 400], [1, 7, 8]]
+    tokens, logprobs = generator.generate(prompts, max_gen_len=5, temperature=0.8, top_p=0.9, logprobs=True, echo=True)
+    for prompt, toks, lps in zip(prompts, tokens, logprobs):
+        assert toks[: len(prompt)] == prompt and len(toks) == len(lps) == len(prompt) + 5
+        with torch.inference_mode():
+            log_probs = torch.log_softmax(generator.model.forward(torch.tensor([toks]), 0)[0], dim=-1)
+        expected = [0.0] + [log_probs[t - 1, toks[t]].item() for t in range(1, len(toks))]
+        assert lps == pytest.approx(expected, abs=1e-4)
+
+
+def test_echo_off_returns_only_the_generation(build):
+    generator = build("mha")
+    prompt = [1, 100, 200, 300]
+    echoed, lp_echo = generator.generate([prompt], max_gen_len=4, temperature=0, logprobs=True, echo=True)
+    plain, lp_plain = generator.generate([prompt], max_gen_len=4, temperature=0, logprobs=True)
+    assert echoed[0] == prompt + plain[0]
+    assert lp_echo[0][len(prompt) :] == pytest.approx(lp_plain[0], abs=1e-5)
+
+
+def test_logprobs_of_a_prompt_that_fills_the_context(build):
+    generator = build("mha", max_seq_len=8)
+    prompt = [1, 10, 11, 12, 13, 14, 15, 16]
+    tokens, logprobs = generator.generate([prompt], max_gen_len=3, logprobs=True, echo=True)
+    assert tokens[0] == prompt  # no room left to generate
+    with torch.inference_mode():
+        log_probs = torch.log_softmax(generator.model.forward(torch.tensor([prompt]), 0)[0], dim=-1)
+    expected = [0.0] + [log_probs[t - 1, prompt[t]].item() for t in range(1, len(prompt))]
+    assert logprobs[0] == pytest.approx(expected, abs=1e-4)
+
+
+def test_generation_stops_at_eos_and_cuts_it(build, monkeypatch):
+    generator = build("mha")
+    eos = generator.tokenizer.eos_id
+    # Force the model to emit EOS after two tokens by making sampling deterministic.
+    picks = iter([torch.tensor([5]), torch.tensor([6]), torch.tensor([eos]), torch.tensor([7])])
+    monkeypatch.setattr("llama.generation.sample_next", lambda logits, t, p: next(picks))
+    tokens, _ = generator.generate([[1, 2 + 1, 4]], max_gen_len=10, temperature=0.5)
+    assert tokens == [[5, 6]]
+
+
+def test_eos_inside_an_echoed_prompt_does_not_cut_it(build):
+    generator = build("mha")
+    eos = generator.tokenizer.eos_id
+    prompt = [1, 100, 200, eos, 1, 300]  # a chat prompt carries EOS after each finished turn
+    tokens, _ = generator.generate([prompt], max_gen_len=3, temperature=0, echo=True)
+    assert tokens[0][: len(prompt)] == prompt and len(tokens[0]) == len(prompt) + 3
+
+
+def test_sampling_is_seeded_and_respects_top_p(build):
+    a = build("mha").text_completion(["hello world"], temperature=1.0, top_p=0.9, max_gen_len=8)
+    torch.manual_seed(1)
+    b = build("mha").text_completion(["hello world"], temperature=1.0, top_p=0.9, max_gen_len=8)
+    torch.manual_seed(1)
+    c = build("mha").text_completion(["hello world"], temperature=1.0, top_p=0.9, max_gen_len=8)
+    assert b == c and isinstance(a[0]["generation"], str)
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    draws = {sample_top_p(probs, 0.7).item() for _ in range(200)}
+    assert draws == {0, 1}  # 0.5 + 0.3 reaches 0.7: tokens 2 and 3 are never drawn
+
+
+def test_text_completion_result_shape(build):
+    generator = build("mha")
+    out = generator.text_completion(["hello world", "the city"], temperature=0, max_gen_len=5, logprobs=True)
+    assert [sorted(r) for r in out] == [["generation", "logprobs", "tokens"]] * 2
+    for r in out:
+        assert len(r["tokens"]) == len(r["logprobs"]) == 5
+        assert "".join(r["tokens"]).strip() or r["generation"] is not None
+    plain = generator.text_completion(["hello world"], temperature=0, max_gen_len=5)
+    assert plain == [{"generation": out[0]["generation"]}]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(prompt_tokens=[[1, 2]] * 5), "5 prompts exceed max_batch_size=4"),
+        (dict(prompt_tokens=[[1, 2], [1] * 65]), "prompt 1 is 65 tokens long, longer than max_seq_len=64"),
+        (dict(max_gen_len=0), "max_gen_len must be at least 1"),
+        (dict(temperature=-0.1), "temperature must be >= 0"),
+        (dict(top_p=0.0), "top_p must be in \\(0, 1\\]"),
+        (dict(top_p=1.5), "top_p must be in \\(0, 1\\]"),
+        (dict(prompt_tokens=[]), "no prompts"),
+        (dict(prompt_tokens=[[1], []]), "prompt 1 is empty"),
+    ],
+)
+def test_generate_rejects_bad_input(build, kwargs, message):
+    args = {"prompt_tokens": [[1, 2, 3]], "max_gen_len": 4, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        build("mha").generate(**args)
+
+
+def test_build_rejects_bad_checkpoints(tiny_dir, tokenizer_path, tmp_path):
+    src = tiny_dir / "mha-mp1"
+    with pytest.raises(FileNotFoundError, match="no params.json"):
+        Llama.build(str(tmp_path), tokenizer_path, 64, 4)
+    (tmp_path / "params.json").write_text((src / "params.json").read_text())
+    with pytest.raises(FileNotFoundError, match="no checkpoint files"):
+        Llama.build(str(tmp_path), tokenizer_path, 64, 4)
+    with pytest.raises(FileNotFoundError, match="tokenizer model not found"):
+        Llama.build(str(src), str(tmp_path / "missing.model"), 64, 4)
+
+    wrong_vocab = tmp_path / "vocab"
+    shutil.copytree(src, wrong_vocab)
+    params = json.loads((src / "params.json").read_text())
+    (wrong_vocab / "params.json").write_text(json.dumps({**params, "vocab_size": 1000}))
+    with pytest.raises(ValueError, match="tokenizer .* has 512 tokens but .* vocab_size=1000"):
+        Llama.build(str(wrong_vocab), tokenizer_path, 64, 4)
+
+    unknown = tmp_path / "unknown"
+    shutil.copytree(src, unknown)
+    (unknown / "params.json").write_text(json.dumps({**params, "moe": True}))
+    with pytest.raises(ValueError, match="unknown keys \\['moe'\\]"):
+        Llama.build(str(unknown), tokenizer_path, 64, 4)
+
+
+def test_build_rejects_mismatched_weights(tiny_dir, tokenizer_path, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_dir / "mha-mp1", bad)
+    state = torch.load(bad / "consolidated.00.pth", weights_only=True)
+    del state["layers.1.ffn_norm.weight"]
+    state["layers.1.extra.weight"] = torch.zeros(3)
+    torch.save(state, bad / "consolidated.00.pth")
+    with pytest.raises(ValueError, match="does not match its params.json.*layers.1.ffn_norm.weight"):
+        Llama.build(str(bad), tokenizer_path, 64, 4, device="cpu", dtype="fp32")
+
+
+def test_build_rejects_fp16_on_cpu(tiny_dir, tokenizer_path):
+    with pytest.raises(ValueError, match="fp16 on the CPU"):
+        Llama.build(str(tiny_dir / "mha-mp1"), tokenizer_path, 64, 4, device="cpu", dtype="fp16")
+
+
+def test_default_dtype_on_cpu_is_bf16(build):
+    generator = build("mha", dtype=None)
+    assert generator.model.output.weight.dtype == torch.bfloat16
+    out = generator.text_completion(["hello"], temperature=0, max_gen_len=3)
+    assert isinstance(out[0]["generation"], str)

@@ -1,0 +1,116 @@
+"""The model against an independent implementation (Hugging Face transformers) and against itself."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from llama.checkpoint import load_shard
+from llama.model import ModelArgs, apply_rotary, causal_mask, rotary_angles
+
+transformers = pytest.importorskip("transformers")
+
+
+def hf_model_from_meta(ckpt_dir: str, vocab_size: int):
+    """Build transformers' LlamaForCausalLM from a 1-shard Meta checkpoint, converting the weights here (not with
+    the library's converter) so the comparison is independent."""
+    with open(os.path.join(ckpt_dir, "params.json")) as f:
+        params = json.load(f)
+    args = ModelArgs.from_params(params, vocab_size=vocab_size)
+    meta = load_shard(os.path.join(ckpt_dir, "consolidated.00.pth"))
+    config = transformers.LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=args.dim,
+        intermediate_size=args.ffn_hidden_dim,
+        num_hidden_layers=args.n_layers,
+        num_attention_heads=args.n_heads,
+        num_key_value_heads=args.n_kv_heads,
+        rms_norm_eps=args.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": args.rope_theta},
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+
+    def unpermute(w, n_heads):
+        # Meta rotates interleaved pairs (2i, 2i+1); HF rotates halves (i, i + D/2): reorder each head's rows.
+        hd = w.shape[0] // n_heads
+        return w.view(n_heads, hd // 2, 2, -1).transpose(1, 2).reshape(n_heads * hd, -1)
+
+    hf = {"model.embed_tokens.weight": meta["tok_embeddings.weight"], "model.norm.weight": meta["norm.weight"],
+          "lm_head.weight": meta["output.weight"]}
+    for i in range(args.n_layers):
+        m, h = f"layers.{i}.", f"model.layers.{i}."
+        hf[h + "self_attn.q_proj.weight"] = unpermute(meta[m + "attention.wq.weight"], args.n_heads)
+        hf[h + "self_attn.k_proj.weight"] = unpermute(meta[m + "attention.wk.weight"], args.n_kv_heads)
+        hf[h + "self_attn.v_proj.weight"] = meta[m + "attention.wv.weight"]
+        hf[h + "self_attn.o_proj.weight"] = meta[m + "attention.wo.weight"]
+        hf[h + "mlp.gate_proj.weight"] = meta[m + "feed_forward.w1.weight"]
+        hf[h + "mlp.down_proj.weight"] = meta[m + "feed_forward.w2.weight"]
+        hf[h + "mlp.up_proj.weight"] = meta[m + "feed_forward.w3.weight"]
+        hf[h + "input_layernorm.weight"] = meta[m + "attention_norm.weight"]
+        hf[h + "post_attention_layernorm.weight"] = meta[m + "ffn_norm.weight"]
+    model = transformers.LlamaForCausalLM(config).float().eval()
+    model.load_state_dict({k: v.float() for k, v in hf.items()}, strict=True)
+    return model
+
+
+@pytest.mark.parametrize("config", ["mha", "gqa"])
+def test_logits_match_transformers(build, tiny_dir, config):
+    generator = build(config)
+    hf = hf_model_from_meta(str(tiny_dir / f"{config}-mp1"), generator.tokenizer.n_words)
+    tokens = torch.randint(0, generator.tokenizer.n_words, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        ours = generator.model.forward(tokens, 0)
+        theirs = hf(tokens).logits
+    assert ours.dtype == torch.float32 and ours.shape == (2, 40, generator.tokenizer.n_words)
+    assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("config", ["mha", "gqa"])
+def test_cached_decoding_equals_full_forward(build, config):
+    model = build(config).model
+    tokens = torch.randint(3, 500, (3, 24), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        full = model.forward(tokens, 0)
+        # prefill 10, then a chunk of 5 (exercises the offset causal mask), then one token at a time
+        pieces = [model.forward(tokens[:, :10], 0), model.forward(tokens[:, 10:15], 10)]
+        pieces += [model.forward(tokens[:, p : p + 1], p) for p in range(15, 24)]
+    assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_causal_mask_with_cache_offset():
+    mask = causal_mask(seqlen=2, start_pos=3, device=torch.device("cpu"))
+    assert mask.tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
+
+
+def test_rotary_stays_fp32_for_bf16_inputs():
+    cos, sin = rotary_angles(torch.arange(4000, 4002), head_dim=8, theta=10000.0)
+    assert cos.dtype == sin.dtype == torch.float32
+    x = torch.randn(1, 2, 1, 8)
+    ref = apply_rotary(x, cos, sin)
+    # Position 4000 in bf16 would round to 4000 +- 16: the angles must not be computed in the input's dtype.
+    assert torch.allclose(apply_rotary(x.bfloat16(), cos, sin).float(), ref, atol=0.05)
+    # A rotation preserves the norm of each pair
+    assert torch.allclose(ref.norm(dim=-1), x.norm(dim=-1), atol=1e-5)
+
+
+def test_ffn_hidden_dim_follows_meta_rule():
+    assert ModelArgs(dim=4096, multiple_of=256).ffn_hidden_dim == 11008  # 7B
+    assert ModelArgs(dim=5120, n_heads=40, multiple_of=256).ffn_hidden_dim == 13824  # 13B
+    assert ModelArgs(dim=8192, n_heads=64, n_kv_heads=8, multiple_of=4096, ffn_dim_multiplier=1.3).ffn_hidden_dim == 28672
+
+
+def test_model_args_reject_unknown_and_inconsistent_keys():
+    with pytest.raises(ValueError, match="unknown keys \\['n_expert'\\]"):
+        ModelArgs.from_params({"dim": 64, "n_heads": 4, "n_expert": 8})
+    with pytest.raises(ValueError, match="not a multiple of n_kv_heads"):
+        ModelArgs(dim=64, n_heads=4, n_kv_heads=3)
+    with pytest.raises(ValueError, match="not divisible by n_heads"):
+        ModelArgs(dim=60, n_heads=8)
+
+
+def test_valid_model_parallel_sizes():
+    assert ModelArgs(dim=64, n_heads=8, n_kv_heads=2).valid_model_parallel_sizes() == [1, 2, 4, 8]
+    assert ModelArgs(dim=8192, n_heads=64, n_kv_heads=8).valid_model_parallel_sizes() == [1, 2, 4, 8, 16, 32, 64]
+    assert ModelArgs(dim=60, n_heads=6, n_kv_heads=6).valid_model_parallel_sizes() == [1, 2, 3, 6]
