@@ -1,5 +1,6 @@
 """Llama.build loads a checkpoint; generate / text_completion / chat_completion run it."""
 
+import os
 import time
 from typing import List, Optional, Tuple, TypedDict
 
@@ -8,9 +9,13 @@ import torch.nn.functional as F
 
 from llama import runtime
 from llama.chat import UNSAFE_ERROR, Dialog, Message, encode_dialog, has_special_tags, validate_dialog
-from llama.checkpoint import find_shards, load_rank_state_dict, no_fairscale_init, read_params
-from llama.model import ModelArgs, Transformer
+from llama.checkpoint import load_rank_state_dict, no_fairscale_init, open_checkpoint
+from llama.linear import linear_factory, place_weights
+from llama.model import Transformer
 from llama.tokenizer import Tokenizer
+
+
+EOS_CHECK_INTERVAL = 16  # decode steps between host reads of "has every row finished?" on accelerators
 
 
 class CompletionPrediction(TypedDict, total=False):
@@ -50,29 +55,42 @@ class Llama:
     @staticmethod
     def build(
         ckpt_dir: str,
-        tokenizer_path: str,
-        max_seq_len: int,
-        max_batch_size: int,
+        tokenizer_path: Optional[str] = None,
+        max_seq_len: int = 512,
+        max_batch_size: int = 4,
         model_parallel_size: Optional[int] = None,
         seed: int = 1,
         device: Optional[str] = None,
         dtype: Optional[str] = None,
+        quantize: Optional[str] = None,
+        group_size: int = 128,
     ) -> "Llama":
-        """Load a Meta checkpoint (any shard count) on this process group; device and dtype default to the best
-        available (CUDA bf16/fp16, Apple MPS, else CPU bf16)."""
+        """Load a Meta checkpoint (any shard count) or a Hugging Face Llama directory on this process group;
+        tokenizer_path defaults to ckpt_dir's tokenizer.model; device and dtype default to the best available
+        (CUDA bf16/fp16, Apple MPS, else CPU bf16). quantize="int8" or "int4" (in groups of group_size) stores
+        every linear weight-only quantized, converting tensor by tensor while loading."""
         if max_seq_len < 1 or max_batch_size < 1:
             raise ValueError(f"max_seq_len ({max_seq_len}) and max_batch_size ({max_batch_size}) must be positive")
         # Check the files before any process group or compute is set up.
-        params = read_params(ckpt_dir)
-        find_shards(ckpt_dir)
+        source = open_checkpoint(ckpt_dir)
+        if tokenizer_path is None:
+            tokenizer_path = os.path.join(ckpt_dir, "tokenizer.model")
+            if not os.path.isfile(tokenizer_path):
+                raise FileNotFoundError(
+                    f"no tokenizer.model in {ckpt_dir}: pass tokenizer_path (Meta's download puts it in the folder "
+                    "above the checkpoint)"
+                )
         tokenizer = Tokenizer(tokenizer_path)
-        args = ModelArgs.from_params(params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-        if args.vocab_size == -1:
+        args = source.model_args(max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+        if args.vocab_size == -1:  # neither a vocab_size nor an embedding: loading reports the missing weight
             args.vocab_size = tokenizer.n_words
-        elif args.vocab_size != tokenizer.n_words:
+        if args.vocab_size != tokenizer.n_words:
+            from_config = source.params.get("vocab_size", -1) != -1
+            said = (f"{source.config_file} says vocab_size={args.vocab_size}" if from_config
+                    else f"embedding has {args.vocab_size} rows")
             raise ValueError(
-                f"tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but the checkpoint's params.json says "
-                f"vocab_size={args.vocab_size}: use the tokenizer.model that came with this checkpoint"
+                f"tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but the checkpoint's {said}: use the "
+                "tokenizer.model that came with this checkpoint"
             )
 
         rt = runtime.setup(model_parallel_size, device, dtype)
@@ -80,27 +98,20 @@ class Llama:
         # Every rank seeds alike, so every rank samples the same tokens and the shards stay in step.
         torch.manual_seed(seed)
 
+        make_linear = linear_factory(rt.device, rt.dtype, rt.model_parallel_size, quantize, group_size)
         start = time.perf_counter()
-        state = load_rank_state_dict(ckpt_dir, args, rt.model_parallel_rank, rt.model_parallel_size, rt.dtype, rt.device)
-        embedding_rows = state["tok_embeddings.weight"].shape[0] if "tok_embeddings.weight" in state else None
-        if embedding_rows is not None and embedding_rows != tokenizer.n_words:
-            raise ValueError(
-                f"tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but the checkpoint's embedding has "
-                f"{embedding_rows} rows: use the tokenizer.model that came with this checkpoint"
-            )
+        # Linears that get repacked or quantized are read to the host first and converted one by one on the way
+        # to the device; otherwise tensors go straight to their final device and dtype.
+        staging = (torch.device("cpu"), None) if make_linear is not None else (rt.device, rt.dtype)
+        state = load_rank_state_dict(source, args, rt.model_parallel_rank, rt.model_parallel_size, staging[1], staging[0])
         with no_fairscale_init():
             model = Transformer(args)
-        expected = set(model.state_dict())
-        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-        if missing or unexpected:
-            raise ValueError(
-                f"checkpoint in {ckpt_dir} does not match its params.json: missing keys {missing[:8]}, "
-                f"unexpected keys {unexpected[:8]}"
-            )
         try:
             model.load_state_dict(state, strict=True, assign=True)
-        except RuntimeError as err:  # shape mismatches
-            raise ValueError(f"checkpoint in {ckpt_dir} does not match its params.json: {err}") from err
+        except RuntimeError as err:  # load_rank_state_dict checked names and shapes; this is a last guard
+            raise ValueError(f"checkpoint in {ckpt_dir} does not match its {source.config_file}: {err}") from err
+        del state
+        place_weights(model, rt.device, rt.dtype, make_linear)
         model.setup_caches(max_batch_size, max_seq_len)
         model.eval()
         runtime.print_rank0(f"Loaded in {time.perf_counter() - start:.2f} seconds")
@@ -179,7 +190,9 @@ class Llama:
                 )
             eos_reached |= ~is_prompt[:, cur_pos] & (next_token == eos_id)
             prev_pos = cur_pos
-            if eos_reached.all():
+            # Reading the flag waits for the device; on a GPU do it every few steps so decoding never stalls on it
+            # (the extra steps' tokens fall after an EOS and are cut below).
+            if (device.type == "cpu" or cur_pos % EOS_CHECK_INTERVAL == 0) and eos_reached.all():
                 break
 
         out_tokens, out_logprobs = [], []

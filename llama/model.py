@@ -107,29 +107,24 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32: bf16 has too few mantissa bits for the mean of squares.
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        # Normalise in fp32 (bf16 has too few mantissa bits for the mean of squares), scale in the model dtype.
+        return F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).type_as(x) * self.weight
 
 
-def rotary_angles(positions: torch.Tensor, head_dim: int, theta: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape (seqlen, head_dim // 2), in fp32, for the given absolute positions.
+def rotary_angles(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
+    """Unit complex numbers e^(i * position * freq) of shape (seqlen, head_dim // 2), in complex64.
 
-    Computed per call (a few small ops) rather than kept as a buffer, so no `.to(dtype)` can degrade them.
+    Computed per forward (a few small ops) rather than kept as a buffer, so no `.to(dtype)` can degrade them.
     """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
     angles = positions.float()[:, None] * inv_freq[None, :]
-    return angles.cos(), angles.sin()
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x: (B, S, H, D) by the angles for each position, in fp32."""
-    pairs = x.float().unflatten(-1, (-1, 2))  # (B, S, H, D/2, 2)
-    real, imag = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[:, None, :], sin[:, None, :]  # (S, 1, D/2) broadcasts over batch and heads
-    rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x: (B, S, H, D) by rotation: (S, D/2), in fp32."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, S, H, D/2) complex
+    return torch.view_as_real(pairs * rotation[:, None, :]).flatten(-2).type_as(x)
 
 
 def causal_mask(seqlen: int, start_pos: int, device: torch.device) -> torch.Tensor:
@@ -173,12 +168,12 @@ class Attention(nn.Module):
         self.wo = row_parallel(args.n_heads * self.head_dim, args.dim)
         self.cache: Optional[KVCache] = None
 
-    def forward(self, x, start_pos: int, cos, sin, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x, start_pos: int, rotation, mask: Optional[torch.Tensor]) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         q = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
         k = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary(q, rotation), apply_rotary(k, rotation)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, D)
         if self.cache is not None:
             k, v = self.cache.update(start_pos, k, v)  # (B, H_kv, start_pos + S, D)
@@ -208,8 +203,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x, start_pos, cos, sin, mask):
-        h = x + self.attention(self.attention_norm(x), start_pos, cos, sin, mask)
+    def forward(self, x, start_pos, rotation, mask):
+        h = x + self.attention(self.attention_norm(x), start_pos, rotation, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -240,9 +235,9 @@ class Transformer(nn.Module):
         seqlen = tokens.shape[1]
         h = self.tok_embeddings(tokens)  # (B, S, dim)
         positions = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)
-        cos, sin = rotary_angles(positions, self.params.head_dim, self.params.rope_theta)
+        rotation = rotary_angles(positions, self.params.head_dim, self.params.rope_theta)
         # One query token attends to everything cached, so it needs no mask.
         mask = causal_mask(seqlen, start_pos, tokens.device) if seqlen > 1 else None
         for layer in self.layers:
-            h = layer(h, start_pos, cos, sin, mask)
+            h = layer(h, start_pos, rotation, mask)
         return self.output(self.norm(h)).float()

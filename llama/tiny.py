@@ -51,9 +51,12 @@ def _corpus(seed: int, n_lines: int = 3000):
 
 def train_tokenizer(path: str, vocab_size: int = TOKENIZER_VOCAB, seed: int = 0) -> None:
     """Train a SentencePiece BPE model with Llama's settings: byte fallback, digits split, unk 0, bos 1, eos 2,
-    no pad."""
+    no pad. A vocab larger than the small corpus supports (Llama's 32000, for benchmarks) is filled with
+    placeholder pieces."""
     model = io.BytesIO()
+    placeholders = [f"<extra_{i}>" for i in range(max(0, vocab_size - TOKENIZER_VOCAB))]
     spm.SentencePieceTrainer.train(
+        user_defined_symbols=placeholders,
         sentence_iterator=_corpus(seed),
         model_writer=model,
         model_type="bpe",
@@ -80,14 +83,15 @@ def random_state_dict(args: ModelArgs, seed: int, dtype: torch.dtype = torch.flo
     and the `rope.freqs` entry Meta's files carry."""
     gen = torch.Generator().manual_seed(seed)
 
+    # each tensor is cast as it is made, so a 7B-shaped state dict never exists in fp32
     def linear(out_features: int, in_features: int) -> torch.Tensor:
-        return torch.randn(out_features, in_features, generator=gen) / in_features**0.5
+        return (torch.randn(out_features, in_features, generator=gen) / in_features**0.5).to(dtype)
 
     def norm() -> torch.Tensor:
-        return 1.0 + 0.2 * torch.randn(args.dim, generator=gen)
+        return (1.0 + 0.2 * torch.randn(args.dim, generator=gen)).to(dtype)
 
     hd, kv_dim, hidden = args.head_dim, args.n_kv_heads * args.head_dim, args.ffn_hidden_dim
-    state = {"tok_embeddings.weight": torch.randn(args.vocab_size, args.dim, generator=gen)}
+    state = {"tok_embeddings.weight": torch.randn(args.vocab_size, args.dim, generator=gen).to(dtype)}
     for i in range(args.n_layers):
         prefix = f"layers.{i}."
         state[prefix + "attention.wq.weight"] = linear(args.n_heads * hd, args.dim)
@@ -101,7 +105,6 @@ def random_state_dict(args: ModelArgs, seed: int, dtype: torch.dtype = torch.flo
         state[prefix + "ffn_norm.weight"] = norm()
     state["norm.weight"] = norm()
     state["output.weight"] = linear(args.vocab_size, args.dim)
-    state = {k: v.to(dtype) for k, v in state.items()}
     state["rope.freqs"] = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2).float() / hd))
     return state
 

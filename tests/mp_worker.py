@@ -28,3 +28,4 @@ if __name__ == "__main__":
     result = run(sys.argv[1], sys.argv[2])
     if dist.get_rank() == 0:
         torch.save(result, sys.argv[3])
+    dist.destroy_process_group()  # exiting with gloo's threads alive can abort ("terminate called ...")

@@ -35,3 +35,16 @@ def test_two_shards_on_two_processes_match_one_process(tiny_dir, tokenizer_path,
     assert result["world_size"] == 2
     assert (result["logits"] - reference["logits"]).abs().max().item() <= 1e-5
     assert result["tokens"] == reference["tokens"]
+
+
+@pytest.mark.parametrize(
+    "checkpoint, nproc",
+    [("mha-mp1", 2),  # one shard split on load
+     ("gqa-mp2", 4)],  # 4 processes, 2 KV heads: each KV head replicated on 2 ranks
+)
+def test_any_shard_count_on_any_process_count(tiny_dir, tokenizer_path, single_process, tmp_path, checkpoint, nproc):
+    result = torchrun(nproc, tiny_dir / checkpoint, tokenizer_path, tmp_path / "out.pt")
+    reference = single_process[checkpoint.split("-")[0]]
+    assert result["world_size"] == nproc
+    assert (result["logits"] - reference["logits"]).abs().max().item() <= 1e-5
+    assert result["tokens"] == reference["tokens"]

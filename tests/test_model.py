@@ -85,14 +85,18 @@ def test_causal_mask_with_cache_offset():
 
 
 def test_rotary_stays_fp32_for_bf16_inputs():
-    cos, sin = rotary_angles(torch.arange(4000, 4002), head_dim=8, theta=10000.0)
-    assert cos.dtype == sin.dtype == torch.float32
+    rotation = rotary_angles(torch.arange(4000, 4002), head_dim=8, theta=10000.0)
+    assert rotation.dtype == torch.complex64 and rotation.shape == (2, 4)
     x = torch.randn(1, 2, 1, 8)
-    ref = apply_rotary(x, cos, sin)
+    ref = apply_rotary(x, rotation)
     # Position 4000 in bf16 would round to 4000 +- 16: the angles must not be computed in the input's dtype.
-    assert torch.allclose(apply_rotary(x.bfloat16(), cos, sin).float(), ref, atol=0.05)
-    # A rotation preserves the norm of each pair
+    assert torch.allclose(apply_rotary(x.bfloat16(), rotation).float(), ref, atol=0.05)
+    # A rotation preserves the norm of each pair, and rotates the pair (x0, x1) by angle position * freq_0
     assert torch.allclose(ref.norm(dim=-1), x.norm(dim=-1), atol=1e-5)
+    angle = torch.tensor(4000.0)
+    x0, x1 = x[0, 0, 0, 0], x[0, 0, 0, 1]
+    assert torch.allclose(ref[0, 0, 0, :2], torch.stack([x0 * angle.cos() - x1 * angle.sin(),
+                                                          x0 * angle.sin() + x1 * angle.cos()]), atol=1e-4)
 
 
 def test_ffn_hidden_dim_follows_meta_rule():

@@ -1,0 +1,219 @@
+"""Generation speed against the memory-bandwidth ceiling, for our generator and for HF transformers.
+
+    python benchmarks/bench_generate.py --shape 1.1b [--engines ours,hf] [--threads 2] [--json out.json]
+    python benchmarks/bench_generate.py --ckpt_dir llama-2-7b --tokenizer_path tokenizer.model
+
+At batch 1 every generated token streams every weight once (all but the embedding, of which one row is read),
+so decode tokens/s <= read bandwidth / bytes of those weights. The bandwidth is measured in the same run, on the
+same device, before any model is loaded. Each engine runs in a fresh subprocess so load time and peak resident
+memory are its own. Random weights are used for named shapes; greedy decoding is forced to run max_gen_len steps.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Optional
+
+import fire
+import torch
+
+from llama.tiny import make_checkpoint, train_tokenizer
+
+SHAPES = {
+    "134m": {"dim": 768, "n_layers": 12, "n_heads": 12, "multiple_of": 256, "norm_eps": 1e-5, "vocab_size": -1},
+    "1.1b": {"dim": 2048, "n_layers": 22, "n_heads": 32, "n_kv_heads": 4, "multiple_of": 256, "norm_eps": 1e-5,
+             "vocab_size": -1},
+    "7b": {"dim": 4096, "n_layers": 32, "n_heads": 32, "multiple_of": 256, "norm_eps": 1e-5, "vocab_size": -1},
+}
+VOCAB = 32000
+PREFILL_LEN = 512
+PROMPT_LEN = 16
+
+
+def read_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Best bytes/s over a few read-only reductions of a buffer much larger than any cache."""
+    buf = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    best = 0.0
+    for reduce in (torch.sum, torch.amax) * 3:
+        reduce(buf)
+        sync(device)
+        start = time.perf_counter()
+        reduce(buf)
+        sync(device)
+        best = max(best, nbytes / (time.perf_counter() - start))
+    return best
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def streamed_bytes(ckpt_dir: str, dtype: torch.dtype) -> int:
+    """Bytes of weights read per decode step at batch 1 in `dtype`: everything but the embedding table."""
+    from llama.checkpoint import find_shards, load_shard
+
+    numel = sum(t.numel() for path in find_shards(ckpt_dir) for k, t in load_shard(path).items()
+                if k not in ("tok_embeddings.weight", "rope.freqs"))
+    return numel * dtype.itemsize
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss it does not inherit the parent's peak)."""
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return kib * 1024 / 1e9
+
+
+def timed(fn, device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def run_ours(ckpt_dir, tokenizer_path, device, dtype, max_gen_len, **build_kwargs) -> dict:
+    from llama import Llama
+
+    start = time.perf_counter()
+    generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=PREFILL_LEN + 8, max_batch_size=8,
+                            device=device, dtype=dtype, **build_kwargs)
+    load_s = time.perf_counter() - start
+    dev = generator.model.tok_embeddings.weight.device
+    eos = generator.tokenizer.eos_id
+    # Random weights may pick EOS; stop the generator from seeing one so every run is max_gen_len steps.
+    generator.tokenizer.eos_id = -2
+
+    def prefill():
+        with torch.inference_mode():
+            generator.model.forward(torch.randint(3, VOCAB, (1, PREFILL_LEN), device=dev), 0)
+
+    def decode(batch):
+        prompts = [[1] + [3 + (7 * i + j) % 1000 for j in range(PROMPT_LEN - 1)] for i in range(batch)]
+        return lambda: generator.generate(prompts, max_gen_len=max_gen_len, temperature=0)
+
+    result = {"load_s": load_s}
+    prefill()  # warm-up (first-touch of weights, kernel selection)
+    result["prefill_tok_s"] = PREFILL_LEN / min(timed(prefill, dev) for _ in range(2))
+    for batch in (1, 8):
+        decode(batch)()
+        result[f"decode_b{batch}_tok_s"] = batch * max_gen_len / min(timed(decode(batch), dev) for _ in range(2))
+    generator.tokenizer.eos_id = eos
+    result["peak_rss_gb"] = peak_rss_gb()
+    return result
+
+
+def run_hf(ckpt_dir, tokenizer_path, device, dtype, max_gen_len) -> dict:
+    import transformers
+
+    from llama.hf import meta_to_hf_model
+
+    start = time.perf_counter()
+    model = meta_to_hf_model(ckpt_dir, dtype=dtype, device=device)
+    load_s = time.perf_counter() - start
+    dev = model.device
+
+    def prefill():
+        with torch.inference_mode():
+            model(torch.randint(3, VOCAB, (1, PREFILL_LEN), device=dev))
+
+    def decode(batch):
+        ids = torch.randint(3, VOCAB, (batch, PROMPT_LEN), device=dev)
+        kwargs = dict(max_new_tokens=max_gen_len, min_new_tokens=max_gen_len, do_sample=False, pad_token_id=0)
+        return lambda: model.generate(ids, **kwargs)
+
+    transformers.logging.set_verbosity_error()
+    result = {"load_s": load_s}
+    prefill()
+    result["prefill_tok_s"] = PREFILL_LEN / min(timed(prefill, dev) for _ in range(2))
+    for batch in (1, 8):
+        decode(batch)()
+        result[f"decode_b{batch}_tok_s"] = batch * max_gen_len / min(timed(decode(batch), dev) for _ in range(2))
+    result["peak_rss_gb"] = peak_rss_gb()
+    return result
+
+
+ENGINES = {"ours": run_ours, "hf": run_hf}
+
+
+def engine(name: str, ckpt_dir: str, tokenizer_path: str, device: str, dtype: str, max_gen_len: int,
+           threads: int, build_kwargs: str = "{}") -> None:
+    """Subprocess entry: run one engine and print its figures as one JSON line."""
+    torch.set_num_threads(threads)
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    kwargs = build_kwargs if isinstance(build_kwargs, dict) else json.loads(build_kwargs)  # fire may pre-parse
+    run = ENGINES[name]
+    result = run(ckpt_dir, tokenizer_path, device, dtype if name == "ours" else dt, max_gen_len, **kwargs)
+    print("RESULT " + json.dumps(result))
+
+
+def main(
+    shape: str = "1.1b",
+    ckpt_dir: Optional[str] = None,
+    tokenizer_path: Optional[str] = None,
+    engines: str = "ours,hf",
+    device: Optional[str] = None,
+    dtype: str = "bf16",
+    threads: int = 2,
+    max_gen_len: int = 32,
+    work_dir: str = os.path.join(tempfile.gettempdir(), "llama-bench"),
+    json_path: Optional[str] = None,
+    variants: str = "{}",
+):
+    """Benchmark a named random shape (134m, 1.1b, 7b) or a real --ckpt_dir. `variants` maps extra row names to
+    Llama.build keyword arguments as JSON, e.g. '{"ours int8": {"quantize": "int8"}}'."""
+    torch.set_num_threads(threads)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if ckpt_dir is None:
+        if shape not in SHAPES:
+            raise ValueError(f"unknown shape {shape!r}; choose one of {sorted(SHAPES)} or pass --ckpt_dir")
+        ckpt_dir = os.path.join(work_dir, f"{shape}-{dtype}")
+        tokenizer_path = os.path.join(work_dir, "tokenizer.model")
+        if not os.path.exists(tokenizer_path):
+            os.makedirs(work_dir, exist_ok=True)
+            train_tokenizer(tokenizer_path, vocab_size=VOCAB)
+        if not os.path.exists(ckpt_dir):
+            print(f"writing a random {shape} checkpoint to {ckpt_dir} ...", flush=True)
+            make_checkpoint(ckpt_dir, SHAPES[shape], VOCAB, dtype={"bf16": torch.bfloat16, "fp16": torch.float16,
+                                                                   "fp32": torch.float32}[dtype])
+    tokenizer_path = tokenizer_path or os.path.join(ckpt_dir, "tokenizer.model")
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    bandwidth = read_bandwidth(dev)
+    weight_bytes = streamed_bytes(ckpt_dir, torch_dtype)
+    ceiling = bandwidth / weight_bytes
+
+    rows = {name: (name, {}) for name in engines.split(",")}
+    variants = variants if isinstance(variants, dict) else json.loads(variants)  # fire may pre-parse JSON
+    rows.update({label: ("ours", kwargs) for label, kwargs in variants.items()})
+    results = {}
+    for label, (name, kwargs) in rows.items():
+        cmd = [sys.executable, os.path.abspath(__file__), "engine", name, ckpt_dir, tokenizer_path, str(dev), dtype,
+               str(max_gen_len), str(threads), json.dumps(kwargs)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            print(f"{label} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+            continue
+        results[label] = json.loads(lines[-1][len("RESULT "):])
+
+    print(f"\n{shape if ckpt_dir.startswith(work_dir) else ckpt_dir}, {dtype}, device {dev}, {threads} threads; "
+          f"read bandwidth {bandwidth / 1e9:.1f} GB/s; {weight_bytes / 1e9:.2f} GB streamed per token; "
+          f"ceiling {ceiling:.1f} tok/s at batch 1")
+    header = f"{'engine':<14}{'load s':>8}{'prefill tok/s':>15}{'decode b1':>11}{'% ceiling':>11}{'decode b8':>11}{'peak RSS GB':>13}"
+    print(header)
+    for label, r in results.items():
+        print(f"{label:<14}{r['load_s']:>8.1f}{r['prefill_tok_s']:>15.1f}{r['decode_b1_tok_s']:>11.2f}"
+              f"{100 * r['decode_b1_tok_s'] / ceiling:>10.0f}%{r['decode_b8_tok_s']:>11.1f}{r['peak_rss_gb']:>13.2f}")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"shape": shape, "dtype": dtype, "device": str(dev), "threads": threads,
+                       "bandwidth_gb_s": bandwidth / 1e9, "streamed_gb": weight_bytes / 1e9,
+                       "ceiling_tok_s": ceiling, "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    fire.Fire({"main": main, "engine": engine} if len(sys.argv) > 1 and sys.argv[1] == "engine" else main)

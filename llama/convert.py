@@ -1,0 +1,45 @@
+"""Reshard Meta checkpoints for any process count and convert to and from Hugging Face's format; no process group.
+
+    python -m llama.convert reshard SRC DST --model_parallel_size M    # Meta shards for M processes
+    python -m llama.convert to_hf SRC DST                              # an HF directory (safetensors)
+    python -m llama.convert from_hf SRC DST [--model_parallel_size M]  # Meta shards (default 1)
+
+SRC may be in either format (told apart by params.json or config.json). DST must not exist: the output is written
+to a hidden sibling folder and renamed to DST once complete. One output shard or file is in memory at a time.
+"""
+
+from typing import Optional
+
+import fire
+
+from llama.checkpoint import load_rank_state_dict, open_checkpoint, rope_freqs, save_checkpoint
+from llama.hf import find_tokenizer, save_hf
+
+
+def reshard(src: str, dst: str, model_parallel_size: int) -> None:
+    """Write SRC as Meta's consolidated.NN.pth shards for model_parallel_size processes, with params.json, a fresh
+    checklist.chk and tokenizer.model (found in or beside SRC)."""
+    source = open_checkpoint(src)
+    args = source.model_args()
+    args.check_model_parallel_size(model_parallel_size)
+    freqs = rope_freqs(args)
+    shards = ({**load_rank_state_dict(source, args, rank, model_parallel_size), "rope.freqs": freqs}
+              for rank in range(model_parallel_size))
+    save_checkpoint(dst, source.params, shards, find_tokenizer(src))
+    print(f"wrote {dst}: {model_parallel_size} shard(s) for {model_parallel_size} process(es)")
+
+
+def from_hf(src: str, dst: str, model_parallel_size: int = 1) -> None:
+    """Write a Hugging Face Llama directory SRC as a Meta checkpoint for model_parallel_size processes."""
+    reshard(src, dst, model_parallel_size)
+
+
+def to_hf(src: str, dst: str, tokenizer_path: Optional[str] = None, max_shard_bytes: int = 5 * 10**9) -> None:
+    """Write SRC as a Hugging Face directory that transformers' from_pretrained loads, in SRC's dtype;
+    tokenizer_path defaults to the tokenizer.model in or beside SRC."""
+    save_hf(open_checkpoint(src), dst, tokenizer_path or find_tokenizer(src), max_shard_bytes)
+    print(f"wrote {dst}")
+
+
+if __name__ == "__main__":
+    fire.Fire({"reshard": reshard, "to_hf": to_hf, "from_hf": from_hf})

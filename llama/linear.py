@@ -1,0 +1,211 @@
+"""Inference-only replacements for fairscale's parallel linears: same math and collectives, weights stored in the
+format the fastest available kernel wants. Swapped in while weights are placed (see `place_weights`), so the
+model file, the checkpoint format and the loading code stay the same whatever the kernel.
+"""
+
+import functools
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_region, reduce_from_model_parallel_region
+from torch import nn
+
+
+class ParallelLinear(nn.Module):
+    """y = x W^T for this rank's slice of W, then the layer's collective: all-reduce for row-parallel layers,
+    all-gather for a column-parallel layer that gathers its output; none at all on one process."""
+
+    def __init__(self, layer: nn.Module, world_size: int):
+        super().__init__()
+        self.out_features, self.in_features = layer.weight.shape
+        if world_size == 1:
+            self.collective = None
+        elif isinstance(layer, RowParallelLinear):
+            self.collective = reduce_from_model_parallel_region
+        elif layer.gather_output:
+            self.collective = gather_from_model_parallel_region
+        else:
+            self.collective = None
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.matmul(x)
+        return y if self.collective is None else self.collective(y)
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); elsewhere oneDNN emulates it, and large
+    bf16 matmuls run several times slower than fp32 ones."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+class Scratch:
+    """One fp32 buffer shared by all layers of a model, reused for upcast weights (a fresh allocation per call
+    costs more in page faults than the conversion itself)."""
+
+    def __init__(self):
+        self.buffer = torch.empty(0)
+
+    def get(self, shape: torch.Size) -> torch.Tensor:
+        numel = shape.numel()
+        if self.buffer.numel() < numel:
+            self.buffer = torch.empty(numel, dtype=torch.float32)
+        return self.buffer[:numel].view(shape)
+
+
+class PackedBf16Linear(ParallelLinear):
+    """bf16 weight pre-packed once for oneDNN's matmul: decoding streams it ~1.7x faster than F.linear does the
+    plain tensor (measured on AVX-512 CPUs). Inputs of many rows (prefill) on CPUs without native bf16 math are
+    multiplied in fp32 from a temporarily upcast weight, which is ~4x faster than emulated bf16 there."""
+
+    # Rows above which the fp32 route wins on CPUs without native bf16 (crossover measured near 16-32).
+    FP32_MIN_ROWS = 32
+
+    def __init__(self, layer: nn.Module, world_size: int, scratch: Scratch):
+        super().__init__(layer, world_size)
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), 1)
+        self.scratch = scratch
+        self.upcast_large = not cpu_has_native_bf16()
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if self.upcast_large and rows >= self.FP32_MIN_ROWS:
+            weight = self.scratch.get(self.weight.shape).copy_(self.weight.to_dense())
+            return F.linear(x.float(), weight).to(x.dtype)
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
+
+
+def quantize_int8(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: weight (N, K) ~= q (N, K) int8 * scales (N,) fp32."""
+    w = weight.float()
+    scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 in groups of group_size along K: weight (N, K) ~= (q - 8) * scale + zero for each group.
+
+    Returns q (N, K) int32 in [0, 15] and scales_and_zeros (K / group_size, N, 2) fp32, the layout PyTorch's
+    int4 matmul kernels take.
+    """
+    n, k = weight.shape
+    groups = weight.float().reshape(n, k // group_size, group_size)
+    lo, hi = groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True)
+    scales = (hi - lo).clamp(min=1e-8) / 15
+    zeros = lo + 8 * scales  # the value that code 8 stands for
+    q = torch.round((groups - lo) / scales).clamp(0, 15).to(torch.int32).reshape(n, k)
+    scales_and_zeros = torch.cat([scales, zeros], dim=-1).transpose(0, 1).contiguous()  # (K / G, N, 2)
+    return q, scales_and_zeros
+
+
+class Int8Linear(ParallelLinear):
+    """Weight-only int8: half the bytes of bf16 per weight, so decoding reads half as much. Activations stay in
+    the model dtype; the CPU (and MPS) kernel dequantizes inside the matmul."""
+
+    def __init__(self, layer: nn.Module, world_size: int, dtype: torch.dtype):
+        super().__init__(layer, world_size)
+        q, scales = quantize_int8(layer.weight.detach())
+        self.register_buffer("weight", q)
+        self.register_buffer("scales", scales.to(dtype))
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type in ("cpu", "mps"):
+            y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scales)
+            return y.view(*x.shape[:-1], self.out_features)
+        # CUDA has no weight-only int8 kernel: dequantize on the fly (torch.compile fuses this into the matmul)
+        return F.linear(x, self.weight.to(x.dtype)) * self.scales
+
+
+class Int4Linear(ParallelLinear):
+    """Weight-only int4 in groups along K with a scale and zero point each: a quarter of bf16's bytes."""
+
+    def __init__(self, layer: nn.Module, world_size: int, dtype: torch.dtype, group_size: int):
+        super().__init__(layer, world_size)
+        q, scales_and_zeros = quantize_int4(layer.weight.detach(), group_size)
+        # the kernels' packing granularity: K must be a multiple of inner_k_tiles * 16
+        inner_k_tiles = next(t for t in (8, 4, 2) if self.in_features % (t * 16) == 0)
+        if layer.weight.device.type == "cpu":
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, inner_k_tiles)
+        else:  # the CUDA kernel takes two 4-bit codes per byte
+            packed = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), inner_k_tiles)
+        self.group_size = group_size
+        self.register_buffer("weight", packed)
+        self.register_buffer("scales_and_zeros", scales_and_zeros.to(dtype))
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        mm = torch.ops.aten._weight_int4pack_mm_for_cpu if x.device.type == "cpu" else torch.ops.aten._weight_int4pack_mm
+        y = mm(x.reshape(-1, self.in_features), self.weight, self.group_size, self.scales_and_zeros)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+QUANTIZE_MODES = ("int8", "int4")
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+
+
+def supported_quantize_modes(device: torch.device, dtype: torch.dtype) -> Tuple[str, ...]:
+    """The weight-only modes PyTorch has kernels for on this device and dtype."""
+    int4 = (
+        (device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
+        or (device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (8, 0))
+    )
+    return ("int8", "int4") if int4 else ("int8",)
+
+
+def linear_factory(
+    device: torch.device, dtype: torch.dtype, world_size: int, quantize: Optional[str] = None, group_size: int = 128
+) -> Optional[Callable[[str, nn.Module], nn.Module]]:
+    """What each fairscale linear becomes once its weight is on the device in dtype: make(name, layer), or None
+    to keep fairscale's layers. Bad modes and group sizes are refused here, before any weight is read."""
+    if quantize is not None:
+        if quantize not in QUANTIZE_MODES:
+            raise ValueError(f"unknown quantize mode {quantize!r}; valid modes: {', '.join(QUANTIZE_MODES)} (or None)")
+        supported = supported_quantize_modes(device, dtype)
+        if quantize not in supported:
+            raise ValueError(
+                f"quantize={quantize!r} has no kernel on {device.type} with {dtype}; this device supports: "
+                f"{', '.join(supported)}" + (" (int4 on CUDA needs bf16 and an Ampere or newer GPU)" if device.type == "cuda" else "")
+            )
+    if quantize == "int8":
+        return lambda name, layer: Int8Linear(layer, world_size, dtype)
+    if quantize == "int4":
+        if group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+
+        def make_int4(name: str, layer: nn.Module) -> nn.Module:
+            in_features = layer.weight.shape[1]
+            if in_features % group_size or in_features % (2 * 16):
+                raise ValueError(
+                    f"int4 group_size={group_size} does not divide {name}'s {in_features} input features on this "
+                    f"rank; choose a group size that does ({[g for g in INT4_GROUP_SIZES if in_features % g == 0]})"
+                )
+            return Int4Linear(layer, world_size, dtype, group_size)
+
+        return make_int4
+    if device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
+        scratch = Scratch()
+        return lambda name, layer: PackedBf16Linear(layer, world_size, scratch)
+    return None
+
+
+def place_weights(model: nn.Module, device: torch.device, dtype: torch.dtype,
+                  make_linear: Optional[Callable[[str, nn.Module], nn.Module]]) -> None:
+    """Move the model's weights to device in dtype one module at a time, turning each fairscale linear into
+    make_linear(name, layer) as soon as its weight is there, so the device never holds the whole model in full
+    precision when it is quantized, and the host lets go of each source tensor once it is converted."""
+    for name, module in list(model.named_modules()):
+        for param_name, param in list(module.named_parameters(recurse=False)):
+            setattr(module, param_name, nn.Parameter(param.detach().to(device, dtype), requires_grad=False))
+        if make_linear is not None and isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+            parent_name, _, child_name = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child_name, make_linear(name, module))
