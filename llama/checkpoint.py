@@ -264,13 +264,15 @@ def load_rank_state_dict(
     dtype: Optional[torch.dtype] = None,
     device: Union[str, torch.device] = "cpu",
     keys: Optional[Iterable[str]] = None,
+    views: bool = True,
 ) -> Dict[str, torch.Tensor]:
     """The tensors (all, or `keys`) model-parallel rank `rank` of `world` keeps, in dtype (None: as stored) on device.
 
     Files are read one after another, each only for the rows this rank keeps and through mappings let go every
     READ_CHUNK_BYTES, so host memory peaks near what the rank keeps plus one chunk. Where every tensor read through a
     mapping is stored as the rank keeps it (same rows, dtype, layout, on the CPU), they stay views of the mapped file:
-    no copy at all, and pages are read when first used.
+    no copy at all, and pages are read when first used. views=False always copies, for callers that convert each
+    tensor again and free it (a surviving view would keep its whole mapping resident).
     """
     if isinstance(source, str):
         source = open_checkpoint(source)
@@ -296,7 +298,7 @@ def load_rank_state_dict(
     state = {}
     for file in source.files:
         for chunk in _chunks(jobs.get(file, []), READ_CHUNK_BYTES):
-            _read_chunk(source, file, chunk, targets, state, dtype, device)
+            _read_chunk(source, file, chunk, targets, state, dtype, device, views)
     return state
 
 
@@ -315,24 +317,24 @@ def _chunks(jobs: list, max_bytes: int) -> Iterable[list]:
         yield chunk
 
 
-def _read_chunk(source: Checkpoint, file: str, jobs: list, targets: dict, state: dict, dtype, device) -> None:
+def _read_chunk(source: Checkpoint, file: str, jobs: list, targets: dict, state: dict, dtype, device, views) -> None:
     """Do jobs (see load_rank_state_dict) through one mapping of file, into state."""
-    views, copied = [], False
+    kept_views, copied = [], False
     with source.open(file) as read:
         for key, piece, dim, src_start, dst_start, length in jobs:
             src = read(key, piece, dim, src_start, length)
             shape, n_pieces = targets[key]
             target_dtype = dtype or src.dtype
-            if n_pieces == 1 and src.dtype == target_dtype and src.device == device and src.is_contiguous():
+            if views and n_pieces == 1 and src.dtype == target_dtype and src.device == device and src.is_contiguous():
                 state[key] = src
-                views.append(key)
+                kept_views.append(key)
                 continue
             if key not in state:
                 state[key] = torch.empty(shape, dtype=target_dtype, device=device)
             (state[key] if dim is None else state[key].narrow(dim, dst_start, length)).copy_(src)
             copied = True
     if copied:  # a view would keep the mapping resident, with the pages read for the copies
-        for key in views:
+        for key in kept_views:
             state[key] = state[key].clone()
 
 

@@ -102,8 +102,10 @@ class Llama:
         start = time.perf_counter()
         # Linears that get repacked or quantized are read to the host first and converted one by one on the way
         # to the device; otherwise tensors go straight to their final device and dtype.
+        # (as copies: their memory is freed tensor by tensor as they are converted).
         staging = (torch.device("cpu"), None) if make_linear is not None else (rt.device, rt.dtype)
-        state = load_rank_state_dict(source, args, rt.model_parallel_rank, rt.model_parallel_size, staging[1], staging[0])
+        state = load_rank_state_dict(source, args, rt.model_parallel_rank, rt.model_parallel_size, staging[1],
+                                     staging[0], views=make_linear is None)
         with no_fairscale_init():
             model = Transformer(args)
         try:

@@ -203,9 +203,12 @@ def place_weights(model: nn.Module, device: torch.device, dtype: torch.dtype,
     """Move the model's weights to device in dtype one module at a time, turning each fairscale linear into
     make_linear(name, layer) as soon as its weight is there, so the device never holds the whole model in full
     precision when it is quantized, and the host lets go of each source tensor once it is converted."""
-    for name, module in list(model.named_modules()):
+    for name in [name for name, _ in model.named_modules()]:  # names only: a replaced module must be freed at once
+        module = model.get_submodule(name)
         for param_name, param in list(module.named_parameters(recurse=False)):
             setattr(module, param_name, nn.Parameter(param.detach().to(device, dtype), requires_grad=False))
         if make_linear is not None and isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
             parent_name, _, child_name = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child_name, make_linear(name, module))
+            replacement = make_linear(name, module)
+            del module, param
+            setattr(model.get_submodule(parent_name), child_name, replacement)

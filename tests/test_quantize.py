@@ -1,0 +1,106 @@
+"""Weight-only int8 / int4: the kernels compute what the quantized weights say, and the model stays close to fp32.
+
+Thresholds: the test checkpoints have Gaussian random weights, the hardest case for quantization (no structure,
+every group spans ~4 standard deviations). One int8 step per output channel is then ~1/30 of a weight's std, and
+one int4 step per group of 32 ~1/4 of it; errors add up over 2 layers. The bounds below sit ~2x above the values
+measured on these checkpoints (int8: relative RMS ~0.015, KL ~1e-4; int4/32: ~0.16, ~0.013), so a broken scale,
+zero point or packing (errors of order 1) fails them while rounding noise does not.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llama.linear import Int4Linear, Int8Linear, linear_factory, quantize_int4, quantize_int8, supported_quantize_modes
+from llama.model import column_parallel
+
+BOUNDS = {  # mode: (relative RMS error of logits, mean KL(fp32 || quantized), top-1 agreement at least)
+    "int8": (0.03, 1e-3, 0.95),
+    "int4": (0.3, 0.03, 0.7),
+}
+
+
+@pytest.fixture(autouse=True)
+def model_parallel(build):
+    build("mha")  # fairscale's layers need its (one-process) model-parallel group
+
+
+def layer_with(weight):
+    layer = column_parallel(weight.shape[1], weight.shape[0])
+    layer.weight = torch.nn.Parameter(weight, requires_grad=False)
+    return layer
+
+
+def test_int8_round_trip_is_within_half_a_step():
+    w = torch.randn(48, 96, generator=torch.Generator().manual_seed(0))
+    q, scales = quantize_int8(w)
+    assert q.dtype == torch.int8 and scales.shape == (48,)
+    assert ((q.float() * scales[:, None] - w).abs() <= scales[:, None] / 2 + 1e-6).all()
+
+
+def test_int4_round_trip_is_within_half_a_step():
+    w = torch.randn(48, 128, generator=torch.Generator().manual_seed(0))
+    q, sz = quantize_int4(w, group_size=32)
+    assert sz.shape == (4, 48, 2) and q.min() >= 0 and q.max() <= 15
+    scales, zeros = sz[..., 0].t().repeat_interleave(32, dim=1), sz[..., 1].t().repeat_interleave(32, dim=1)
+    dequantized = (q - 8) * scales + zeros
+    assert ((dequantized - w).abs() <= scales / 2 + 1e-5).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_linears_compute_their_dequantized_weights(dtype):
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(64, 128, generator=gen).to(dtype)
+    x = torch.randn(2, 3, 128, generator=gen).to(dtype)
+    q8, s8 = quantize_int8(w)
+    q4, sz = quantize_int4(w, 32)
+    sz = sz.to(dtype).float()  # the layers keep scales in the model dtype
+    w8 = q8.float() * s8.to(dtype).float()[:, None]
+    w4 = (q4 - 8) * sz[..., 0].t().repeat_interleave(32, 1) + sz[..., 1].t().repeat_interleave(32, 1)
+    with torch.inference_mode():
+        out8 = Int8Linear(layer_with(w), world_size=1, dtype=dtype)(x)
+        out4 = Int4Linear(layer_with(w), world_size=1, dtype=dtype, group_size=32)(x)
+    for out, dequantized in ((out8, w8), (out4, w4)):
+        reference = x.float() @ dequantized.t()
+        # fp32: summation order only; bf16: the output is rounded to 8 significant bits
+        tol = 1e-5 if dtype == torch.float32 else 2**-7
+        assert out.shape == (2, 3, 64) and (out.float() - reference).abs().max() <= tol * reference.abs().max()
+
+
+@pytest.mark.parametrize("config", ["mha", "gqa"])
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_model_tracks_fp32(build, config, mode):
+    exact_model = build(config).model
+    model = build(config, quantize=mode, group_size=32).model
+    assert isinstance(model.layers[1].feed_forward.w2, Int8Linear if mode == "int8" else Int4Linear)
+    assert isinstance(model.output, Int8Linear if mode == "int8" else Int4Linear)
+    tokens = torch.randint(3, 500, (4, 32), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        exact, approx = exact_model.forward(tokens, 0), model.forward(tokens, 0)
+    rel_rms = ((approx - exact).pow(2).mean().sqrt() / exact.pow(2).mean().sqrt()).item()
+    log_p, log_q = torch.log_softmax(exact, -1), torch.log_softmax(approx, -1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
+    top1 = (approx.argmax(-1) == exact.argmax(-1)).float().mean().item()
+    max_rel_rms, max_kl, min_top1 = BOUNDS[mode]
+    assert rel_rms < max_rel_rms and kl < max_kl and top1 >= min_top1, (rel_rms, kl, top1)
+
+
+def test_quantized_generation_api_is_unchanged(build):
+    generator = build("gqa", quantize="int8")
+    out = generator.text_completion(["hello world"], temperature=0, max_gen_len=4, logprobs=True)
+    assert sorted(out[0]) == ["generation", "logprobs", "tokens"] and len(out[0]["tokens"]) == 4
+    chat = generator.chat_completion([[{"role": "user", "content": "hi"}]], max_gen_len=3)
+    assert chat[0]["generation"]["role"] == "assistant"
+
+
+def test_bad_quantize_arguments(build, tiny_dir, tokenizer_path):
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match="unknown quantize mode 'int3'; valid modes: int8, int4"):
+        linear_factory(cpu, torch.float32, 1, quantize="int3")
+    with pytest.raises(ValueError, match="group_size must be one of"):
+        linear_factory(cpu, torch.float32, 1, quantize="int4", group_size=48)
+    with pytest.raises(ValueError, match="group_size=128 does not divide layers.0.attention.wq's 64 input features"):
+        build("mha", quantize="int4", group_size=128)
+    assert supported_quantize_modes(torch.device("mps"), torch.float16) == ("int8",)
+    with pytest.raises(ValueError, match="no kernel on mps .* this device supports: int8"):
+        linear_factory(torch.device("mps"), torch.float16, 1, quantize="int4")
