@@ -29,6 +29,7 @@ SPLIT_DIM = {
     "wo": 1, "w2": 1, "tok_embeddings": 1,  # row-parallel: input features; the embedding splits its dim
 }
 KV_MODULES = ("wk", "wv")
+QUANTIZATION_FILE = "quantization.json"  # present in pre-quantized checkpoints: their scheme (see linear.py)
 IGNORED_KEYS = ("rope.freqs",)  # Meta's files carry the rotary table; the model recomputes it
 SHARD_PATTERN = re.compile(r"consolidated\.(\d+)\.pth$")
 # Bytes of tensors read through one memory mapping of a file before it is let go: the pages read stay resident
@@ -197,6 +198,11 @@ def open_checkpoint(path: str) -> Checkpoint:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
     names = os.listdir(path)
+    if QUANTIZATION_FILE in names:
+        raise ValueError(
+            f"{path} is a pre-quantized checkpoint: Llama.build loads it as it is, but it cannot be resharded or "
+            "exported; convert the full-precision checkpoint it was made from instead"
+        )
     if any(SHARD_PATTERN.fullmatch(n) for n in names) or ("params.json" in names and "config.json" not in names):
         return MetaCheckpoint(path)
     if "config.json" in names:
@@ -409,10 +415,12 @@ def atomic_directory(path: str):
 
 
 def save_checkpoint(
-    ckpt_dir: str, params: dict, shards: Iterable[Dict[str, torch.Tensor]], tokenizer_path: Optional[str] = None
+    ckpt_dir: str, params: dict, shards: Iterable[Dict[str, torch.Tensor]], tokenizer_path: Optional[str] = None,
+    extra_json: Optional[Dict[str, dict]] = None,
 ) -> None:
-    """Write consolidated.NN.pth, params.json and checklist.chk (md5sum format), plus a copy of tokenizer_path if
-    given, into ckpt_dir atomically. `shards` may be a generator, so only one shard need be in memory."""
+    """Write consolidated.NN.pth, params.json, any extra_json files ({name: content}) and checklist.chk (md5sum
+    format), plus a copy of tokenizer_path if given, into ckpt_dir atomically. `shards` may be a generator, so only
+    one shard need be in memory."""
     with atomic_directory(ckpt_dir) as tmp_dir:
         names = []
         for shard in shards:  # not enumerate: its cached result tuple would keep the last shard while the next is made
@@ -420,9 +428,10 @@ def save_checkpoint(
             torch.save({key: compact(t) for key, t in shard.items()}, path)
             names.append(os.path.basename(path))
             del shard
-        with open(os.path.join(tmp_dir, "params.json"), "w") as f:
-            json.dump(params, f)
-        names.append("params.json")
+        for name, content in {"params.json": params, **(extra_json or {})}.items():
+            with open(os.path.join(tmp_dir, name), "w") as f:
+                json.dump(content, f)
+            names.append(name)
         with open(os.path.join(tmp_dir, "checklist.chk"), "w") as f:
             f.writelines(f"{md5sum(os.path.join(tmp_dir, name))}  {name}\n" for name in names)
         if tokenizer_path is not None:

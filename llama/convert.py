@@ -3,6 +3,7 @@
     python -m llama.convert reshard SRC DST --model_parallel_size M    # Meta shards for M processes
     python -m llama.convert to_hf SRC DST                              # an HF directory (safetensors)
     python -m llama.convert from_hf SRC DST [--model_parallel_size M]  # Meta shards (default 1)
+    python -m llama.convert quantize SRC DST --mode int8|int4 [--group_size 128]  # pre-quantized Meta shards
 
 SRC may be in either format (told apart by params.json or config.json). DST must not exist: the output is written
 to a hidden sibling folder and renamed to DST once complete. One output shard or file is in memory at a time.
@@ -12,8 +13,9 @@ from typing import Optional
 
 import fire
 
-from llama.checkpoint import load_rank_state_dict, open_checkpoint, rope_freqs, save_checkpoint
-from llama.hf import find_tokenizer, save_hf
+from llama.checkpoint import QUANTIZATION_FILE, load_rank_state_dict, open_checkpoint, rope_freqs, save_checkpoint
+from llama.hf import HFCheckpoint, find_tokenizer, save_hf
+from llama.linear import INT4_GROUP_SIZES, QUANTIZE_MODES, quantize_state_dict
 
 
 def reshard(src: str, dst: str, model_parallel_size: int) -> None:
@@ -41,5 +43,23 @@ def to_hf(src: str, dst: str, tokenizer_path: Optional[str] = None, max_shard_by
     print(f"wrote {dst}")
 
 
+def quantize(src: str, dst: str, mode: str, group_size: int = 128) -> None:
+    """Write SRC with every linear weight-only quantized (int8 per output channel, or int4 in groups of group_size),
+    sharded like SRC, with the scheme in quantization.json: smaller on disk and faster to load."""
+    if mode not in QUANTIZE_MODES:
+        raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(QUANTIZE_MODES)}")
+    if mode == "int4" and group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+    source = open_checkpoint(src)
+    args = source.model_args()
+    n_shards = 1 if isinstance(source, HFCheckpoint) else len(source.files)
+    scheme = {"mode": mode, "group_size": group_size if mode == "int4" else None}
+    freqs = rope_freqs(args)
+    shards = ({**quantize_state_dict(load_rank_state_dict(source, args, rank, n_shards), scheme), "rope.freqs": freqs}
+              for rank in range(n_shards))
+    save_checkpoint(dst, source.params, shards, find_tokenizer(src), extra_json={QUANTIZATION_FILE: scheme})
+    print(f"wrote {dst}: {mode} in {n_shards} shard(s)")
+
+
 if __name__ == "__main__":
-    fire.Fire({"reshard": reshard, "to_hf": to_hf, "from_hf": from_hf})
+    fire.Fire({"reshard": reshard, "to_hf": to_hf, "from_hf": from_hf, "quantize": quantize})

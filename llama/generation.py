@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 from llama import runtime
 from llama.chat import UNSAFE_ERROR, Dialog, Message, encode_dialog, has_special_tags, validate_dialog
-from llama.checkpoint import load_rank_state_dict, no_fairscale_init, open_checkpoint
-from llama.linear import linear_factory, place_weights
-from llama.model import Transformer
+from llama.checkpoint import load_rank_state_dict, module_name, no_fairscale_init, open_checkpoint, read_params
+from llama.linear import LINEAR_MODULES, linear_factory, load_prequantized, place_weights, read_quantization
+from llama.model import ModelArgs, Transformer
 from llama.tokenizer import Tokenizer
 
 
@@ -63,16 +63,27 @@ class Llama:
         device: Optional[str] = None,
         dtype: Optional[str] = None,
         quantize: Optional[str] = None,
-        group_size: int = 128,
+        group_size: Optional[int] = None,
     ) -> "Llama":
-        """Load a Meta checkpoint (any shard count) or a Hugging Face Llama directory on this process group;
-        tokenizer_path defaults to ckpt_dir's tokenizer.model; device and dtype default to the best available
-        (CUDA bf16/fp16, Apple MPS, else CPU bf16). quantize="int8" or "int4" (in groups of group_size) stores
-        every linear weight-only quantized, converting tensor by tensor while loading."""
+        """Load a Meta checkpoint (any shard count), a Hugging Face Llama directory or a pre-quantized checkpoint
+        (`python -m llama.convert quantize`) on this process group; tokenizer_path defaults to ckpt_dir's
+        tokenizer.model; device and dtype default to the best available (CUDA bf16/fp16, Apple MPS, else CPU bf16).
+        quantize="int8" or "int4" (in groups of group_size, default 128) stores every linear weight-only quantized,
+        converting tensor by tensor while loading."""
         if max_seq_len < 1 or max_batch_size < 1:
             raise ValueError(f"max_seq_len ({max_seq_len}) and max_batch_size ({max_batch_size}) must be positive")
         # Check the files before any process group or compute is set up.
-        source = open_checkpoint(ckpt_dir)
+        scheme = read_quantization(ckpt_dir) if os.path.isdir(ckpt_dir) else None
+        if scheme is not None:
+            asked = (quantize or scheme["mode"], group_size or scheme.get("group_size"))
+            if asked != (scheme["mode"], scheme.get("group_size")):
+                raise ValueError(
+                    f"{ckpt_dir} is pre-quantized as {scheme['mode']} (group_size {scheme.get('group_size')}), but "
+                    f"quantize={quantize!r}, group_size={group_size} was asked for: leave them out to use the "
+                    "checkpoint's scheme, or load the full-precision checkpoint to quantize differently"
+                )
+        source = open_checkpoint(ckpt_dir) if scheme is None else None
+        config_file = source.config_file if source else "params.json"
         if tokenizer_path is None:
             tokenizer_path = os.path.join(ckpt_dir, "tokenizer.model")
             if not os.path.isfile(tokenizer_path):
@@ -81,12 +92,15 @@ class Llama:
                     "above the checkpoint)"
                 )
         tokenizer = Tokenizer(tokenizer_path)
-        args = source.model_args(max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+        if source:
+            args = source.model_args(max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+        else:
+            args = ModelArgs.from_params(read_params(ckpt_dir), max_seq_len=max_seq_len, max_batch_size=max_batch_size)
         if args.vocab_size == -1:  # neither a vocab_size nor an embedding: loading reports the missing weight
             args.vocab_size = tokenizer.n_words
         if args.vocab_size != tokenizer.n_words:
-            from_config = source.params.get("vocab_size", -1) != -1
-            said = (f"{source.config_file} says vocab_size={args.vocab_size}" if from_config
+            from_config = source is None or source.params.get("vocab_size", -1) != -1
+            said = (f"{config_file} says vocab_size={args.vocab_size}" if from_config
                     else f"embedding has {args.vocab_size} rows")
             raise ValueError(
                 f"tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but the checkpoint's {said}: use the "
@@ -98,20 +112,28 @@ class Llama:
         # Every rank seeds alike, so every rank samples the same tokens and the shards stay in step.
         torch.manual_seed(seed)
 
-        make_linear = linear_factory(rt.device, rt.dtype, rt.model_parallel_size, quantize, group_size)
+        rank, world = rt.model_parallel_rank, rt.model_parallel_size
         start = time.perf_counter()
-        # Linears that get repacked or quantized are read to the host first and converted one by one on the way
-        # to the device; otherwise tensors go straight to their final device and dtype.
-        # (as copies: their memory is freed tensor by tensor as they are converted).
-        staging = (torch.device("cpu"), None) if make_linear is not None else (rt.device, rt.dtype)
-        state = load_rank_state_dict(source, args, rt.model_parallel_rank, rt.model_parallel_size, staging[1],
-                                     staging[0], views=make_linear is None)
+        if scheme is not None:
+            state, make_linear = load_prequantized(ckpt_dir, scheme, rank, world, rt.device, rt.dtype)
+        else:
+            make_linear = linear_factory(rt.device, rt.dtype, world, quantize, group_size or 128)
+            # Linears that get repacked or quantized are read to the host first, as copies freed one by one as
+            # they are converted on the way to the device; other tensors go straight to their device and dtype.
+            staging = (torch.device("cpu"), None) if make_linear is not None else (rt.device, rt.dtype)
+            state = load_rank_state_dict(source, args, rank, world, staging[1], staging[0], views=make_linear is None)
         with no_fairscale_init():
             model = Transformer(args)
         try:
-            model.load_state_dict(state, strict=True, assign=True)
-        except RuntimeError as err:  # load_rank_state_dict checked names and shapes; this is a last guard
-            raise ValueError(f"checkpoint in {ckpt_dir} does not match its {source.config_file}: {err}") from err
+            result = model.load_state_dict(state, strict=scheme is None, assign=True)
+        except RuntimeError as err:  # the loaders checked names and shapes; this is a last guard
+            raise ValueError(f"checkpoint in {ckpt_dir} does not match its {config_file}: {err}") from err
+        if scheme is not None and (result.unexpected_keys or any(module_name(k) not in LINEAR_MODULES
+                                                                 for k in result.missing_keys)):
+            raise ValueError(
+                f"checkpoint in {ckpt_dir} does not match its params.json: missing {result.missing_keys[:8]}, "
+                f"unexpected {result.unexpected_keys[:8]}"
+            )
         del state
         place_weights(model, rt.device, rt.dtype, make_linear)
         model.setup_caches(max_batch_size, max_seq_len)

@@ -4,13 +4,17 @@ model file, the checkpoint format and the loading code stay the same whatever th
 """
 
 import functools
-from typing import Callable, Optional, Tuple
+import json
+import os
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_region, reduce_from_model_parallel_region
 from torch import nn
+
+from llama.checkpoint import QUANTIZATION_FILE, SPLIT_DIM, find_shards, load_shard, module_name
 
 
 class ParallelLinear(nn.Module):
@@ -71,9 +75,9 @@ class PackedBf16Linear(ParallelLinear):
     # Rows above which the fp32 route wins on CPUs without native bf16 (crossover measured near 16-32).
     FP32_MIN_ROWS = 32
 
-    def __init__(self, layer: nn.Module, world_size: int, scratch: Scratch):
+    def __init__(self, layer: nn.Module, world_size: int, weight: torch.Tensor, scratch: Scratch):
         super().__init__(layer, world_size)
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), 1)
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
         self.scratch = scratch
         self.upcast_large = not cpu_has_native_bf16()
 
@@ -113,11 +117,11 @@ class Int8Linear(ParallelLinear):
     """Weight-only int8: half the bytes of bf16 per weight, so decoding reads half as much. Activations stay in
     the model dtype; the CPU (and MPS) kernel dequantizes inside the matmul."""
 
-    def __init__(self, layer: nn.Module, world_size: int, dtype: torch.dtype):
+    def __init__(self, layer: nn.Module, world_size: int, q: torch.Tensor, scales: torch.Tensor):
+        """q: (N, K) int8 and scales: (N,) in the model dtype, on the device."""
         super().__init__(layer, world_size)
-        q, scales = quantize_int8(layer.weight.detach())
         self.register_buffer("weight", q)
-        self.register_buffer("scales", scales.to(dtype))
+        self.register_buffer("scales", scales)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type in ("cpu", "mps"):
@@ -130,18 +134,20 @@ class Int8Linear(ParallelLinear):
 class Int4Linear(ParallelLinear):
     """Weight-only int4 in groups along K with a scale and zero point each: a quarter of bf16's bytes."""
 
-    def __init__(self, layer: nn.Module, world_size: int, dtype: torch.dtype, group_size: int):
+    def __init__(self, layer: nn.Module, world_size: int, q: torch.Tensor, scales_and_zeros: torch.Tensor,
+                 group_size: int):
+        """q: (N, K) int32 codes in [0, 15] and scales_and_zeros: (K / group_size, N, 2) in the model dtype, on the
+        device."""
         super().__init__(layer, world_size)
-        q, scales_and_zeros = quantize_int4(layer.weight.detach(), group_size)
         # the kernels' packing granularity: K must be a multiple of inner_k_tiles * 16
         inner_k_tiles = next(t for t in (8, 4, 2) if self.in_features % (t * 16) == 0)
-        if layer.weight.device.type == "cpu":
+        if q.device.type == "cpu":
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, inner_k_tiles)
         else:  # the CUDA kernel takes two 4-bit codes per byte
-            packed = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), inner_k_tiles)
+            packed = torch.ops.aten._convert_weight_to_int4pack(pack_nibbles(q), inner_k_tiles)
         self.group_size = group_size
         self.register_buffer("weight", packed)
-        self.register_buffer("scales_and_zeros", scales_and_zeros.to(dtype))
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         mm = torch.ops.aten._weight_int4pack_mm_for_cpu if x.device.type == "cpu" else torch.ops.aten._weight_int4pack_mm
@@ -162,53 +168,150 @@ def supported_quantize_modes(device: torch.device, dtype: torch.dtype) -> Tuple[
     return ("int8", "int4") if int4 else ("int8",)
 
 
+def check_int4_group_size(name: str, in_features: int, group_size: int) -> None:
+    if group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+    if in_features % group_size or in_features % (2 * 16):
+        raise ValueError(
+            f"int4 group_size={group_size} does not divide {name}'s {in_features} input features on this rank; "
+            f"choose a group size that does ({[g for g in INT4_GROUP_SIZES if in_features % g == 0]})"
+        )
+
+
+def check_quantize_mode(quantize: Optional[str], device: torch.device, dtype: torch.dtype) -> None:
+    if quantize is None:
+        return
+    if quantize not in QUANTIZE_MODES:
+        raise ValueError(f"unknown quantize mode {quantize!r}; valid modes: {', '.join(QUANTIZE_MODES)} (or None)")
+    supported = supported_quantize_modes(device, dtype)
+    if quantize not in supported:
+        hint = " (int4 on CUDA needs bf16 and an Ampere or newer GPU)" if device.type == "cuda" else ""
+        raise ValueError(
+            f"quantize={quantize!r} has no kernel on {device.type} with {dtype}; this device supports: "
+            f"{', '.join(supported)}{hint}"
+        )
+
+
 def linear_factory(
     device: torch.device, dtype: torch.dtype, world_size: int, quantize: Optional[str] = None, group_size: int = 128
 ) -> Optional[Callable[[str, nn.Module], nn.Module]]:
-    """What each fairscale linear becomes once its weight is on the device in dtype: make(name, layer), or None
-    to keep fairscale's layers. Bad modes and group sizes are refused here, before any weight is read."""
-    if quantize is not None:
-        if quantize not in QUANTIZE_MODES:
-            raise ValueError(f"unknown quantize mode {quantize!r}; valid modes: {', '.join(QUANTIZE_MODES)} (or None)")
-        supported = supported_quantize_modes(device, dtype)
-        if quantize not in supported:
-            raise ValueError(
-                f"quantize={quantize!r} has no kernel on {device.type} with {dtype}; this device supports: "
-                f"{', '.join(supported)}" + (" (int4 on CUDA needs bf16 and an Ampere or newer GPU)" if device.type == "cuda" else "")
-            )
+    """What each fairscale linear (its weight still as loaded, on the host) becomes: make(name, layer), or None to
+    keep fairscale's layers. Bad modes and group sizes are refused here, before any weight is read."""
+    check_quantize_mode(quantize, device, dtype)
+    if quantize == "int4" and group_size not in INT4_GROUP_SIZES:
+        check_int4_group_size("", 0, group_size)
+
+    def weight(layer: nn.Module) -> torch.Tensor:
+        return layer.weight.detach().to(device, dtype)
+
     if quantize == "int8":
-        return lambda name, layer: Int8Linear(layer, world_size, dtype)
+
+        def make_int8(name: str, layer: nn.Module) -> nn.Module:
+            q, scales = quantize_int8(weight(layer))
+            return Int8Linear(layer, world_size, q, scales.to(dtype))
+
+        return make_int8
     if quantize == "int4":
-        if group_size not in INT4_GROUP_SIZES:
-            raise ValueError(f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {group_size}")
 
         def make_int4(name: str, layer: nn.Module) -> nn.Module:
-            in_features = layer.weight.shape[1]
-            if in_features % group_size or in_features % (2 * 16):
-                raise ValueError(
-                    f"int4 group_size={group_size} does not divide {name}'s {in_features} input features on this "
-                    f"rank; choose a group size that does ({[g for g in INT4_GROUP_SIZES if in_features % g == 0]})"
-                )
-            return Int4Linear(layer, world_size, dtype, group_size)
+            check_int4_group_size(name, layer.weight.shape[1], group_size)
+            q, scales_and_zeros = quantize_int4(weight(layer), group_size)
+            return Int4Linear(layer, world_size, q, scales_and_zeros.to(dtype), group_size)
 
         return make_int4
     if device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
         scratch = Scratch()
-        return lambda name, layer: PackedBf16Linear(layer, world_size, scratch)
+        return lambda name, layer: PackedBf16Linear(layer, world_size, weight(layer), scratch)
     return None
 
 
 def place_weights(model: nn.Module, device: torch.device, dtype: torch.dtype,
                   make_linear: Optional[Callable[[str, nn.Module], nn.Module]]) -> None:
     """Move the model's weights to device in dtype one module at a time, turning each fairscale linear into
-    make_linear(name, layer) as soon as its weight is there, so the device never holds the whole model in full
+    make_linear(name, layer) (which moves what it keeps), so the device never holds the whole model in full
     precision when it is quantized, and the host lets go of each source tensor once it is converted."""
     for name in [name for name, _ in model.named_modules()]:  # names only: a replaced module must be freed at once
         module = model.get_submodule(name)
-        for param_name, param in list(module.named_parameters(recurse=False)):
-            setattr(module, param_name, nn.Parameter(param.detach().to(device, dtype), requires_grad=False))
         if make_linear is not None and isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
             parent_name, _, child_name = name.rpartition(".")
             replacement = make_linear(name, module)
-            del module, param
+            del module
             setattr(model.get_submodule(parent_name), child_name, replacement)
+            continue
+        for param_name, param in list(module.named_parameters(recurse=False)):
+            setattr(module, param_name, nn.Parameter(param.detach().to(device, dtype), requires_grad=False))
+
+
+# Pre-quantized checkpoints: Meta's layout (consolidated.NN.pth, params.json) with every linear stored quantized,
+# and the scheme in QUANTIZATION_FILE, which Llama.build checks against what is asked for.
+LINEAR_MODULES = frozenset(SPLIT_DIM) - {"tok_embeddings"}
+
+
+def read_quantization(ckpt_dir: str) -> Optional[dict]:
+    """The scheme a pre-quantized checkpoint was written with ({"mode": ..., "group_size": ...}), or None."""
+    path = os.path.join(ckpt_dir, QUANTIZATION_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        scheme = json.load(f)
+    if scheme.get("mode") not in QUANTIZE_MODES:
+        raise ValueError(f"{path} names an unknown quantize mode {scheme.get('mode')!r}; valid: {QUANTIZE_MODES}")
+    return scheme
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) codes in [0, 15] -> (N, K / 2) uint8, the even column in the high nibble."""
+    return (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack([packed >> 4, packed & 15], dim=-1).flatten(1).to(torch.int32)
+
+
+def quantize_state_dict(state: Dict[str, torch.Tensor], scheme: dict) -> Dict[str, torch.Tensor]:
+    """A rank's state dict as a pre-quantized checkpoint stores it: each linear's `weight` becomes int8 (N, K) plus
+    `scales` (N,), or int4 codes packed two per byte (N, K / 2) plus `scales_and_zeros` (K / group, N, 2), fp32."""
+    out = {}
+    for key, tensor in state.items():
+        if key.count(".") < 1 or module_name(key) not in LINEAR_MODULES:
+            out[key] = tensor
+            continue
+        prefix = key[: -len("weight")]
+        if scheme["mode"] == "int8":
+            out[key], out[prefix + "scales"] = quantize_int8(tensor)
+        else:
+            check_int4_group_size(key, tensor.shape[1], scheme["group_size"])
+            q, out[prefix + "scales_and_zeros"] = quantize_int4(tensor, scheme["group_size"])
+            out[key] = pack_nibbles(q)
+    return out
+
+
+def load_prequantized(ckpt_dir: str, scheme: dict, rank: int, world: int, device: torch.device,
+                      dtype: torch.dtype) -> Tuple[Dict[str, torch.Tensor], Callable[[str, nn.Module], nn.Module]]:
+    """This rank's shard of a pre-quantized checkpoint: (the tensors that are not linears, make_linear building
+    each linear from its stored quantized tensors)."""
+    files = find_shards(ckpt_dir)
+    if len(files) != world:
+        raise ValueError(
+            f"{ckpt_dir} is pre-quantized for {len(files)} process(es) and cannot be split again for {world}: run "
+            f"on {len(files)} process(es), or quantize at load time (quantize=...) from the full-precision checkpoint"
+        )
+    check_quantize_mode(scheme["mode"], device, dtype)
+    stored = dict(load_shard(files[rank]))
+    stored.pop("rope.freqs", None)
+    linear_keys = {k for k in stored if k.count(".") >= 1 and module_name(k) in LINEAR_MODULES}
+    quantized = {k: stored.pop(k) for k in linear_keys}
+
+    def take(key: str, name: str) -> torch.Tensor:
+        if key not in quantized:
+            raise ValueError(f"{files[rank]} has no {key} for {name}: not a complete {scheme['mode']} checkpoint")
+        return quantized.pop(key).to(device)
+
+    def make(name: str, layer: nn.Module) -> nn.Module:
+        if scheme["mode"] == "int8":
+            return Int8Linear(layer, world, take(name + ".weight", name), take(name + ".scales", name).to(dtype))
+        q = unpack_nibbles(take(name + ".weight", name))
+        scales_and_zeros = take(name + ".scales_and_zeros", name).to(dtype)
+        return Int4Linear(layer, world, q, scales_and_zeros, scheme["group_size"])
+
+    return stored, make

@@ -25,7 +25,7 @@ def test_packed_bf16_linear_matches_f_linear(rows, upcast_large):
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(96, 64, generator=gen).bfloat16()
     x = torch.randn(2, rows, 64, generator=gen).bfloat16()
-    packed = PackedBf16Linear(layer_with(weight.clone()), world_size=1, scratch=Scratch())
+    packed = PackedBf16Linear(layer_with(weight), world_size=1, weight=weight, scratch=Scratch())
     packed.upcast_large = upcast_large
     with torch.inference_mode():
         out = packed(x)

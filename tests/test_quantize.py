@@ -58,8 +58,8 @@ def test_quantized_linears_compute_their_dequantized_weights(dtype):
     w8 = q8.float() * s8.to(dtype).float()[:, None]
     w4 = (q4 - 8) * sz[..., 0].t().repeat_interleave(32, 1) + sz[..., 1].t().repeat_interleave(32, 1)
     with torch.inference_mode():
-        out8 = Int8Linear(layer_with(w), world_size=1, dtype=dtype)(x)
-        out4 = Int4Linear(layer_with(w), world_size=1, dtype=dtype, group_size=32)(x)
+        out8 = Int8Linear(layer_with(w), 1, q8, s8.to(dtype))(x)
+        out4 = Int4Linear(layer_with(w), 1, q4, sz.to(dtype), group_size=32)(x)
     for out, dequantized in ((out8, w8), (out4, w4)):
         reference = x.float() @ dequantized.t()
         # fp32: summation order only; bf16: the output is rounded to 8 significant bits
@@ -104,3 +104,43 @@ def test_bad_quantize_arguments(build, tiny_dir, tokenizer_path):
     assert supported_quantize_modes(torch.device("mps"), torch.float16) == ("int8",)
     with pytest.raises(ValueError, match="no kernel on mps .* this device supports: int8"):
         linear_factory(torch.device("mps"), torch.float16, 1, quantize="int4")
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_prequantized_checkpoint_loads_like_quantizing_at_load_time(build, tiny_dir, tokenizer_path, tmp_path, mode):
+    from llama import Llama
+    from llama.convert import quantize
+
+    src, dst = tiny_dir / "gqa-mp1", tmp_path / f"gqa-{mode}"
+    quantize(str(src), str(dst), mode=mode, group_size=32)
+    files = sorted(p.name for p in dst.iterdir())
+    assert files == ["checklist.chk", "consolidated.00.pth", "params.json", "quantization.json", "tokenizer.model"]
+    assert (dst / "consolidated.00.pth").stat().st_size < 0.5 * (src / "consolidated.00.pth").stat().st_size
+    assert "quantization.json" in (dst / "checklist.chk").read_text()
+
+    stored = Llama.build(str(dst), tokenizer_path, 64, 4, device="cpu", dtype="fp32").model
+    at_load = build("gqa", quantize=mode, group_size=32).model
+    assert isinstance(stored.output, Int8Linear if mode == "int8" else Int4Linear)
+    tokens = torch.randint(3, 500, (2, 16), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        assert torch.equal(stored.forward(tokens, 0), at_load.forward(tokens, 0))
+
+
+def test_prequantized_checkpoint_errors(tiny_dir, tokenizer_path, tmp_path):
+    from llama import Llama
+    from llama.convert import quantize, reshard, to_hf
+
+    with pytest.raises(ValueError, match="unknown mode 'int2'; valid modes: int8, int4"):
+        quantize(str(tiny_dir / "mha-mp1"), str(tmp_path / "x"), mode="int2")
+    dst = tmp_path / "mha-mp2-int8"
+    quantize(str(tiny_dir / "mha-mp2"), str(dst), mode="int8")
+    assert sorted(p.name for p in dst.glob("*.pth")) == ["consolidated.00.pth", "consolidated.01.pth"]
+    with pytest.raises(ValueError, match="pre-quantized as int8 .* but quantize='int4'"):
+        Llama.build(str(dst), tokenizer_path, 64, 4, device="cpu", dtype="fp32", quantize="int4")
+    with pytest.raises(ValueError, match="pre-quantized for 2 process\\(es\\) and cannot be split again for 1"):
+        Llama.build(str(dst), tokenizer_path, 64, 4, device="cpu", dtype="fp32")
+    with pytest.raises(ValueError, match="pre-quantized checkpoint: .* convert the full-precision checkpoint"):
+        to_hf(str(dst), str(tmp_path / "hf"))
+    with pytest.raises(ValueError, match="pre-quantized checkpoint"):
+        reshard(str(dst), str(tmp_path / "mp1"), model_parallel_size=1)
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "mp1").exists()
