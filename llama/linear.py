@@ -77,7 +77,8 @@ class PackedBf16Linear(ParallelLinear):
 
     def __init__(self, layer: nn.Module, world_size: int, weight: torch.Tensor, scratch: Scratch):
         super().__init__(layer, world_size)
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+        # non-persistent: the opaque packed layout is no state-dict tensor; checkpoints keep Meta's plain weights
+        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight, 1), persistent=False)
         self.scratch = scratch
         self.upcast_large = not cpu_has_native_bf16()
 
