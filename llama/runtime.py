@@ -4,6 +4,7 @@ Under torchrun (RANK / WORLD_SIZE / LOCAL_RANK set) every process joins the laun
 `python script.py` gets a one-process group of its own, so the same code runs either way.
 """
 
+import atexit
 import os
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -67,6 +68,9 @@ def setup(
             dist.init_process_group(backend)  # torchrun's env:// rendezvous
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        # A group left open at exit can abort the process in gloo's teardown ("terminate called ..."), failing
+        # an otherwise finished run: close the group we opened.
+        atexit.register(_close_process_group)
     world_size = dist.get_world_size()
     model_parallel_size = model_parallel_size or world_size
     if world_size % model_parallel_size:
@@ -88,6 +92,11 @@ def setup(
         model_parallel_size=model_parallel_size,
         model_parallel_rank=fs_init.get_model_parallel_rank(),
     )
+
+
+def _close_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def print_rank0(*args, **kwargs) -> None:
