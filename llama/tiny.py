@@ -15,7 +15,7 @@ import fire
 import sentencepiece as spm
 import torch
 
-from llama.checkpoint import save_checkpoint, split_state_dict
+from llama.checkpoint import rope_freqs, save_checkpoint, split_state_dict
 from llama.model import ModelArgs
 from llama.runtime import DTYPES
 
@@ -79,8 +79,8 @@ def train_tokenizer(path: str, vocab_size: int = TOKENIZER_VOCAB, seed: int = 0)
 
 
 def random_state_dict(args: ModelArgs, seed: int, dtype: torch.dtype = torch.float32) -> Dict[str, torch.Tensor]:
-    """A full (unsharded) state dict with Meta's keys: random weights scaled by fan-in, random norm weights,
-    and the `rope.freqs` entry Meta's files carry."""
+    """A full (unsharded) state dict with Meta's keys: random weights scaled by fan-in, random norm weights
+    (Meta's `rope.freqs` entry is added per shard by make_checkpoint)."""
     gen = torch.Generator().manual_seed(seed)
 
     # each tensor is cast as it is made, so a 7B-shaped state dict never exists in fp32
@@ -105,7 +105,6 @@ def random_state_dict(args: ModelArgs, seed: int, dtype: torch.dtype = torch.flo
         state[prefix + "ffn_norm.weight"] = norm()
     state["norm.weight"] = norm()
     state["output.weight"] = linear(args.vocab_size, args.dim)
-    state["rope.freqs"] = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2).float() / hd))
     return state
 
 
@@ -114,10 +113,9 @@ def make_checkpoint(ckpt_dir: str, params: dict, vocab_size: int, n_shards: int 
     """Write a random checkpoint for `params` (a params.json dict) split into n_shards as Meta splits."""
     args = ModelArgs.from_params(params, vocab_size=vocab_size)
     full = random_state_dict(args, seed, dtype)
-    freqs = full.pop("rope.freqs")
     shards = split_state_dict(full, args, n_shards)
     for shard in shards:
-        shard["rope.freqs"] = freqs
+        shard["rope.freqs"] = rope_freqs(args)
     save_checkpoint(ckpt_dir, params, shards)
 
 
