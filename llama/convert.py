@@ -15,7 +15,7 @@ import fire
 
 from llama.checkpoint import QUANTIZATION_FILE, load_rank_state_dict, open_checkpoint, rope_freqs, save_checkpoint
 from llama.hf import HFCheckpoint, find_tokenizer, save_hf
-from llama.linear import INT4_GROUP_SIZES, QUANTIZE_MODES, quantize_state_dict
+from llama.linear import QUANTIZE_MODES, check_int4_group_size, quantize_state_dict
 
 
 def reshard(src: str, dst: str, model_parallel_size: int) -> None:
@@ -48,8 +48,8 @@ def quantize(src: str, dst: str, mode: str, group_size: int = 128) -> None:
     sharded like SRC, with the scheme in quantization.json: smaller on disk and faster to load."""
     if mode not in QUANTIZE_MODES:
         raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(QUANTIZE_MODES)}")
-    if mode == "int4" and group_size not in INT4_GROUP_SIZES:
-        raise ValueError(f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+    if mode == "int4":
+        check_int4_group_size(group_size)
     source = open_checkpoint(src)
     args = source.model_args()
     n_shards = 1 if isinstance(source, HFCheckpoint) else len(source.files)

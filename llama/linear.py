@@ -169,9 +169,13 @@ def supported_quantize_modes(device: torch.device, dtype: torch.dtype) -> Tuple[
     return ("int8", "int4") if int4 else ("int8",)
 
 
-def check_int4_group_size(name: str, in_features: int, group_size: int) -> None:
+def check_int4_group_size(group_size: int) -> None:
     if group_size not in INT4_GROUP_SIZES:
         raise ValueError(f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+
+
+def check_int4_layer(name: str, in_features: int, group_size: int) -> None:
+    """The layer's input features (on this rank) split into whole groups and whole kernel tiles."""
     if in_features % group_size or in_features % (2 * 16):
         raise ValueError(
             f"int4 group_size={group_size} does not divide {name}'s {in_features} input features on this rank; "
@@ -199,8 +203,8 @@ def linear_factory(
     """What each fairscale linear (its weight still as loaded, on the host) becomes: make(name, layer), or None to
     keep fairscale's layers. Bad modes and group sizes are refused here, before any weight is read."""
     check_quantize_mode(quantize, device, dtype)
-    if quantize == "int4" and group_size not in INT4_GROUP_SIZES:
-        check_int4_group_size("", 0, group_size)
+    if quantize == "int4":
+        check_int4_group_size(group_size)
 
     def weight(layer: nn.Module) -> torch.Tensor:
         return layer.weight.detach().to(device, dtype)
@@ -215,7 +219,7 @@ def linear_factory(
     if quantize == "int4":
 
         def make_int4(name: str, layer: nn.Module) -> nn.Module:
-            check_int4_group_size(name, layer.weight.shape[1], group_size)
+            check_int4_layer(name, layer.weight.shape[1], group_size)
             q, scales_and_zeros = quantize_int4(weight(layer), group_size)
             return Int4Linear(layer, world_size, q, scales_and_zeros.to(dtype), group_size)
 
@@ -281,7 +285,7 @@ def quantize_state_dict(state: Dict[str, torch.Tensor], scheme: dict) -> Dict[st
         if scheme["mode"] == "int8":
             out[key], out[prefix + "scales"] = quantize_int8(tensor)
         else:
-            check_int4_group_size(key, tensor.shape[1], scheme["group_size"])
+            check_int4_layer(key, tensor.shape[1], scheme["group_size"])
             q, out[prefix + "scales_and_zeros"] = quantize_int4(tensor, scheme["group_size"])
             out[key] = pack_nibbles(q)
     return out
