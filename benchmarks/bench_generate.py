@@ -167,10 +167,12 @@ def main(
     max_gen_len: int = 32,
     work_dir: str = os.path.join(tempfile.gettempdir(), "llama-bench"),
     json_path: Optional[str] = None,
+    quantize: Optional[str] = None,
     variants: str = "{}",
 ):
-    """Benchmark a named random shape (134m, 1.1b, 7b) or a real --ckpt_dir. `variants` maps extra row names to
-    Llama.build keyword arguments as JSON, e.g. '{"ours int8": {"quantize": "int8"}}'."""
+    """Benchmark a named random shape (134m, 1.1b, 7b) or a real --ckpt_dir. --quantize int8|int4 adds a row for
+    that mode; `variants` maps more row names to Llama.build keyword arguments as JSON, e.g.
+    '{"ours int4/64": {"quantize": "int4", "group_size": 64}}'."""
     torch.set_num_threads(threads)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if ckpt_dir is None:
@@ -192,6 +194,8 @@ def main(
 
     rows = {name: (name, {}) for name in engines.split(",")}
     variants = variants if isinstance(variants, dict) else json.loads(variants)  # fire may pre-parse JSON
+    if quantize:
+        variants = {f"ours {quantize}": {"quantize": quantize}, **variants}
     rows.update({label: ("ours", kwargs) for label, kwargs in variants.items()})
     results = {}
     for label, (name, kwargs) in rows.items():
