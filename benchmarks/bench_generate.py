@@ -77,6 +77,17 @@ def timed(fn, device) -> float:
     return time.perf_counter() - start
 
 
+def measure(prefill, decode, device, max_gen_len: int) -> dict:
+    """Best of two timed runs (after a warm-up) of prefill() and of decode(batch)() for batch 1 and 8."""
+    prefill()  # warm-up (first touch of weights, kernel selection)
+    result = {"prefill_tok_s": PREFILL_LEN / min(timed(prefill, device) for _ in range(2))}
+    for batch in (1, 8):
+        decode(batch)()
+        result[f"decode_b{batch}_tok_s"] = batch * max_gen_len / min(timed(decode(batch), device) for _ in range(2))
+    result["peak_rss_gb"] = peak_rss_gb()
+    return result
+
+
 def run_ours(ckpt_dir, tokenizer_path, device, dtype, max_gen_len, **build_kwargs) -> dict:
     from llama import Llama
 
@@ -85,7 +96,6 @@ def run_ours(ckpt_dir, tokenizer_path, device, dtype, max_gen_len, **build_kwarg
                             device=device, dtype=dtype, **build_kwargs)
     load_s = time.perf_counter() - start
     dev = generator.model.tok_embeddings.weight.device
-    eos = generator.tokenizer.eos_id
     # Random weights may pick EOS; stop the generator from seeing one so every run is max_gen_len steps.
     generator.tokenizer.eos_id = -2
 
@@ -101,15 +111,8 @@ def run_ours(ckpt_dir, tokenizer_path, device, dtype, max_gen_len, **build_kwarg
     tensors = [t for name, t in [*generator.model.named_parameters(), *generator.model.named_buffers()]
                if not name.startswith("tok_embeddings") and ".cache." not in name]
     # (shape and dtype, not numel(): oneDNN-packed tensors report no elements)
-    result = {"load_s": load_s, "streamed_bytes": sum(t.shape.numel() * t.dtype.itemsize for t in tensors)}
-    prefill()  # warm-up (first-touch of weights, kernel selection)
-    result["prefill_tok_s"] = PREFILL_LEN / min(timed(prefill, dev) for _ in range(2))
-    for batch in (1, 8):
-        decode(batch)()
-        result[f"decode_b{batch}_tok_s"] = batch * max_gen_len / min(timed(decode(batch), dev) for _ in range(2))
-    generator.tokenizer.eos_id = eos
-    result["peak_rss_gb"] = peak_rss_gb()
-    return result
+    streamed = sum(t.shape.numel() * t.dtype.itemsize for t in tensors)
+    return {"load_s": load_s, "streamed_bytes": streamed, **measure(prefill, decode, dev, max_gen_len)}
 
 
 def run_hf(ckpt_dir, tokenizer_path, device, dtype, max_gen_len) -> dict:
@@ -132,14 +135,7 @@ def run_hf(ckpt_dir, tokenizer_path, device, dtype, max_gen_len) -> dict:
         return lambda: model.generate(ids, **kwargs)
 
     transformers.logging.set_verbosity_error()
-    result = {"load_s": load_s}
-    prefill()
-    result["prefill_tok_s"] = PREFILL_LEN / min(timed(prefill, dev) for _ in range(2))
-    for batch in (1, 8):
-        decode(batch)()
-        result[f"decode_b{batch}_tok_s"] = batch * max_gen_len / min(timed(decode(batch), dev) for _ in range(2))
-    result["peak_rss_gb"] = peak_rss_gb()
-    return result
+    return {"load_s": load_s, **measure(prefill, decode, dev, max_gen_len)}
 
 
 ENGINES = {"ours": run_ours, "hf": run_hf}

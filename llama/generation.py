@@ -120,8 +120,9 @@ class Llama:
             make_linear = linear_factory(rt.device, rt.dtype, world, quantize, group_size or 128)
             # Linears that get repacked or quantized are read to the host first, as copies freed one by one as
             # they are converted on the way to the device; other tensors go straight to their device and dtype.
-            staging = (torch.device("cpu"), None) if make_linear is not None else (rt.device, rt.dtype)
-            state = load_rank_state_dict(source, args, rank, world, staging[1], staging[0], views=make_linear is None)
+            converted_later = make_linear is not None
+            state = load_rank_state_dict(source, args, rank, world, dtype=None if converted_later else rt.dtype,
+                                         device="cpu" if converted_later else rt.device, views=not converted_later)
         with no_fairscale_init():
             model = Transformer(args)
         try:
