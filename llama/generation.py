@@ -11,7 +11,7 @@ from llama import runtime
 from llama.chat import UNSAFE_ERROR, Dialog, Message, encode_dialog, has_special_tags, validate_dialog
 from llama.checkpoint import load_rank_state_dict, module_name, no_fairscale_init, open_checkpoint, read_params
 from llama.linear import LINEAR_MODULES, linear_factory, load_prequantized, place_weights, read_quantization
-from llama.model import ModelArgs, Transformer
+from llama.model import ModelArgs, Transformer, fuse_projection_keys
 from llama.tokenizer import Tokenizer
 
 
@@ -123,6 +123,7 @@ class Llama:
             converted_later = make_linear is not None
             state = load_rank_state_dict(source, args, rank, world, dtype=None if converted_later else rt.dtype,
                                          device="cpu" if converted_later else rt.device, views=not converted_later)
+        fuse_projection_keys(state)  # here rather than in load_state_dict's copy: frees each part once joined
         with no_fairscale_init():
             model = Transformer(args)
         try:

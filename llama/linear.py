@@ -14,7 +14,9 @@ from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallel
 from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_region, reduce_from_model_parallel_region
 from torch import nn
 
+from llama import cpu_kernels
 from llama.checkpoint import QUANTIZATION_FILE, SPLIT_DIM, find_shards, load_shard, module_name
+from llama.model import FUSED_PROJECTIONS
 
 
 class ParallelLinear(nn.Module):
@@ -54,40 +56,57 @@ def cpu_has_native_bf16() -> bool:
 
 
 class Scratch:
-    """One fp32 buffer shared by all layers of a model, reused for upcast weights (a fresh allocation per call
+    """One buffer shared by all linears of a model for weights upcast a block at a time (a fresh allocation per call
     costs more in page faults than the conversion itself)."""
+
+    # Elements per block: 64 MiB of fp32, so the scratch stays small next to the weights whatever the layer.
+    BLOCK_NUMEL = 1 << 24
 
     def __init__(self):
         self.buffer = torch.empty(0)
 
-    def get(self, shape: torch.Size) -> torch.Tensor:
-        numel = shape.numel()
-        if self.buffer.numel() < numel:
-            self.buffer = torch.empty(numel, dtype=torch.float32)
+    def get(self, shape: Tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        numel = shape[0] * shape[1]
+        if self.buffer.dtype != dtype or self.buffer.numel() < numel:
+            self.buffer = torch.empty(max(numel, self.buffer.numel()), dtype=dtype)
         return self.buffer[:numel].view(shape)
 
 
-class PackedBf16Linear(ParallelLinear):
-    """bf16 weight pre-packed once for oneDNN's matmul: decoding streams it ~1.7x faster than F.linear does the
-    plain tensor (measured on AVX-512 CPUs). Inputs of many rows (prefill) on CPUs without native bf16 math are
-    multiplied in fp32 from a temporarily upcast weight, which is ~4x faster than emulated bf16 there."""
+class CpuLinear(ParallelLinear):
+    """A CPU linear whose weight stays a plain (N, K) tensor, bf16 or int8 with per-row scales.
 
-    # Rows above which the fp32 route wins on CPUs without native bf16 (crossover measured near 16-32).
-    FP32_MIN_ROWS = 32
+    Up to cpu_kernels.max_rows() rows of input (a decode step) go through the streaming kernel of cpu_kernels.cpp,
+    which reads each weight once at memory bandwidth. More rows (a prompt) are multiplied by PyTorch's GEMM from
+    the weight widened a block of rows at a time into the shared scratch: to fp32 on CPUs without native bf16 math
+    (where oneDNN's emulated bf16 is several times slower than sgemm), else to the activations' dtype.
+    """
 
-    def __init__(self, layer: nn.Module, world_size: int, weight: torch.Tensor, scratch: Scratch):
+    def __init__(self, layer: nn.Module, world_size: int, weight: torch.Tensor, scales: Optional[torch.Tensor],
+                 scratch: Scratch):
+        """weight: (N, K) bf16, or int8 with scales (N,) in the model dtype."""
         super().__init__(layer, world_size)
-        # non-persistent: the opaque packed layout is no state-dict tensor; checkpoints keep Meta's plain weights
-        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight, 1), persistent=False)
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales", scales)
         self.scratch = scratch
-        self.upcast_large = not cpu_has_native_bf16()
+        self.kernel_rows = cpu_kernels.max_rows()
+        self.native_bf16 = cpu_has_native_bf16()
+
+    def widened(self, first: int, last: int, dtype: torch.dtype) -> torch.Tensor:
+        """Weight rows first..last-1 as dtype, dequantized."""
+        rows = self.weight[first:last]
+        if self.scales is None and rows.dtype == dtype:
+            return rows
+        out = self.scratch.get(rows.shape, dtype).copy_(rows)
+        return out if self.scales is None else out.mul_(self.scales[first:last, None])
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if self.upcast_large and rows >= self.FP32_MIN_ROWS:
-            weight = self.scratch.get(self.weight.shape).copy_(self.weight.to_dense())
-            return F.linear(x.float(), weight).to(x.dtype)
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
+        if x.numel() // x.shape[-1] <= self.kernel_rows:
+            return cpu_kernels.matmul(x, self.weight, self.scales)
+        dtype = x.dtype if self.native_bf16 else torch.float32
+        xw = x.to(dtype)
+        step = max(1, Scratch.BLOCK_NUMEL // self.in_features)
+        blocks = [F.linear(xw, self.widened(i, i + step, dtype)) for i in range(0, self.out_features, step)]
+        return torch.cat(blocks, dim=-1).to(x.dtype)
 
 
 def quantize_int8(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -116,7 +135,8 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> Tuple[torch.Tensor, 
 
 class Int8Linear(ParallelLinear):
     """Weight-only int8: half the bytes of bf16 per weight, so decoding reads half as much. Activations stay in
-    the model dtype; the CPU (and MPS) kernel dequantizes inside the matmul."""
+    the model dtype; PyTorch's MPS (and CPU) kernel dequantizes inside the matmul. On the CPU, `int8_linear` picks
+    CpuLinear instead wherever cpu_kernels builds."""
 
     def __init__(self, layer: nn.Module, world_size: int, q: torch.Tensor, scales: torch.Tensor):
         """q: (N, K) int8 and scales: (N,) in the model dtype, on the device."""
@@ -130,6 +150,14 @@ class Int8Linear(ParallelLinear):
             return y.view(*x.shape[:-1], self.out_features)
         # CUDA has no weight-only int8 kernel: dequantize on the fly (torch.compile fuses this into the matmul)
         return F.linear(x, self.weight.to(x.dtype)) * self.scales
+
+
+def int8_linear(layer: nn.Module, world_size: int, q: torch.Tensor, scales: torch.Tensor,
+                scratch: Scratch) -> ParallelLinear:
+    """The int8 linear for q's device: our streaming kernel on the CPU where it builds, else PyTorch's kernels."""
+    if q.device.type == "cpu" and cpu_kernels.available():
+        return CpuLinear(layer, world_size, q, scales, scratch)
+    return Int8Linear(layer, world_size, q, scales)
 
 
 class Int4Linear(ParallelLinear):
@@ -206,6 +234,8 @@ def linear_factory(
     if quantize == "int4":
         check_int4_group_size(group_size)
 
+    scratch = Scratch()
+
     def weight(layer: nn.Module) -> torch.Tensor:
         return layer.weight.detach().to(device, dtype)
 
@@ -213,7 +243,7 @@ def linear_factory(
 
         def make_int8(name: str, layer: nn.Module) -> nn.Module:
             q, scales = quantize_int8(weight(layer))
-            return Int8Linear(layer, world_size, q, scales.to(dtype))
+            return int8_linear(layer, world_size, q, scales.to(dtype), scratch)
 
         return make_int8
     if quantize == "int4":
@@ -224,9 +254,8 @@ def linear_factory(
             return Int4Linear(layer, world_size, q, scales_and_zeros.to(dtype), group_size)
 
         return make_int4
-    if device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
-        scratch = Scratch()
-        return lambda name, layer: PackedBf16Linear(layer, world_size, weight(layer), scratch)
+    if device.type == "cpu" and dtype == torch.bfloat16 and cpu_kernels.available():
+        return lambda name, layer: CpuLinear(layer, world_size, weight(layer), None, scratch)
     return None
 
 
@@ -249,7 +278,16 @@ def place_weights(model: nn.Module, device: torch.device, dtype: torch.dtype,
 
 # Pre-quantized checkpoints: Meta's layout (consolidated.NN.pth, params.json) with every linear stored quantized,
 # and the scheme in QUANTIZATION_FILE, which Llama.build checks against what is asked for.
-LINEAR_MODULES = frozenset(SPLIT_DIM) - {"tok_embeddings"}
+LINEAR_MODULES = frozenset(SPLIT_DIM) - {"tok_embeddings"} | {f.rpartition(".")[2] for f in FUSED_PROJECTIONS}
+
+
+def fused_parts(name: str) -> list:
+    """The checkpoint's modules a model linear is made of: 'layers.0.attention.wqkv' -> [...wq, ...wk, ...wv]."""
+    for fused, parts in FUSED_PROJECTIONS.items():
+        if name.endswith("." + fused):
+            prefix = name[: -len(fused)]
+            return [prefix + part for part in parts]
+    return [name]
 
 
 def read_quantization(ckpt_dir: str) -> Optional[dict]:
@@ -312,11 +350,18 @@ def load_prequantized(ckpt_dir: str, scheme: dict, rank: int, world: int, device
             raise ValueError(f"{files[rank]} has no {key} for {name}: not a complete {scheme['mode']} checkpoint")
         return quantized.pop(key).to(device)
 
+    scratch = Scratch()
+
     def make(name: str, layer: nn.Module) -> nn.Module:
+        parts = fused_parts(name)
+
+        def joined(suffix: str, dim: int = 0, decode=lambda t: t) -> torch.Tensor:
+            return torch.cat([decode(take(f"{part}.{suffix}", name)) for part in parts], dim)
+
         if scheme["mode"] == "int8":
-            return Int8Linear(layer, world, take(name + ".weight", name), take(name + ".scales", name).to(dtype))
-        q = unpack_nibbles(take(name + ".weight", name))
-        scales_and_zeros = take(name + ".scales_and_zeros", name).to(dtype)
+            return int8_linear(layer, world, joined("weight"), joined("scales").to(dtype), scratch)
+        q = joined("weight", decode=unpack_nibbles)
+        scales_and_zeros = joined("scales_and_zeros", dim=1).to(dtype)  # (K / G, N, 2): outputs on dim 1
         return Int4Linear(layer, world, q, scales_and_zeros, scheme["group_size"])
 
     return stored, make

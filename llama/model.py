@@ -1,6 +1,8 @@
 """The Llama 2 Transformer, built from fairscale's model-parallel layers.
 
-State-dict keys and per-shard tensor shapes are exactly those of Meta's checkpoints. The model knows nothing about
+State-dict keys and per-shard tensor shapes are exactly those of Meta's checkpoints. Internally, projections of the
+same input run as one matmul (wq, wk, wv as `wqkv`; w1, w3 as `w13`), each weight the concatenation of this rank's
+slices of its parts; `load_state_dict` and `state_dict` translate to and from Meta's keys. The model knows nothing about
 devices or process groups: it takes its sizes from `ModelArgs` and the model-parallel world size from fairscale,
 and derives device and dtype from its inputs and weights.
 """
@@ -85,6 +87,25 @@ class ModelArgs:
         return max(self.n_kv_heads, model_parallel_size)
 
 
+# Each fused projection and the Meta modules it is made of, in the order their outputs are concatenated.
+FUSED_PROJECTIONS = {
+    "attention.wqkv": ("attention.wq", "attention.wk", "attention.wv"),
+    "feed_forward.w13": ("feed_forward.w1", "feed_forward.w3"),
+}
+
+
+def fuse_projection_keys(state: dict) -> None:
+    """In place: replace each layer's Meta-named projection weights by their concatenation under the fused name,
+    dropping each set of parts as soon as it is joined (so a loader holds one extra layer's copy at most)."""
+    for fused, parts in FUSED_PROJECTIONS.items():
+        first = parts[0] + ".weight"
+        for key in [k for k in state if k.endswith(first)]:
+            prefix = key[: -len(first)]
+            part_keys = [f"{prefix}{part}.weight" for part in parts]
+            if all(k in state for k in part_keys):
+                state[f"{prefix}{fused}.weight"] = torch.cat([state.pop(k) for k in part_keys])
+
+
 def _loaded_later(weight: torch.Tensor) -> torch.Tensor:
     """fairscale init_method that leaves weights uninitialised: they are replaced by the checkpoint's."""
     return weight
@@ -107,8 +128,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 (bf16 has too few mantissa bits for the mean of squares), scale in the model dtype.
-        return F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).type_as(x) * self.weight
+        # One fused op that accumulates in fp32 whatever x's dtype, and rounds once (Meta's rounds the normalised
+        # x to the model dtype, then multiplies): identical in fp32, within a rounding in bf16, at half the cost.
+        return F.rms_norm(x, x.shape[-1:], self.weight, eps=self.eps)
 
 
 def rotary_angles(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
@@ -137,6 +159,18 @@ def causal_mask(seqlen: int, start_pos: int, device: torch.device) -> torch.Tens
     return key_pos[None, :] <= query_pos[:, None]
 
 
+def attend_one_position(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention of a decode step's single query position to every cached one, in fp32: q (B, H, 1, D) against k, v
+    (B, H_kv, T, D) -> (B, H, 1, D). Query head h uses KV head h // (H / H_kv), as grouped-query attention does, by
+    viewing the queries as (B, H_kv, H / H_kv, D), so the cache is never repeated. Three small matmuls: on the CPU
+    several times faster than the fused SDPA kernel for one query, and it needs no mask."""
+    bsz, n_heads, _, head_dim = q.shape
+    grouped = q.reshape(bsz, k.shape[1], n_heads // k.shape[1], head_dim).float()
+    scores = grouped @ k.float().transpose(-1, -2) * head_dim**-0.5  # (B, H_kv, H / H_kv, T)
+    out = torch.softmax(scores, dim=-1) @ v.float()
+    return out.view(bsz, n_heads, 1, head_dim).to(q.dtype)
+
+
 class KVCache(nn.Module):
     """Preallocated keys and values of one layer: (max_batch_size, n_local_kv_heads, max_seq_len, head_dim)."""
 
@@ -162,44 +196,50 @@ class Attention(nn.Module):
         self.n_local_heads = args.n_heads // model_parallel_size
         kv_heads = args.kv_heads_stored(model_parallel_size)
         self.n_local_kv_heads = kv_heads // model_parallel_size
-        self.wq = column_parallel(args.dim, args.n_heads * self.head_dim)
-        self.wk = column_parallel(args.dim, kv_heads * self.head_dim)
-        self.wv = column_parallel(args.dim, kv_heads * self.head_dim)
+        self.wqkv = column_parallel(args.dim, (args.n_heads + 2 * kv_heads) * self.head_dim)  # wq; wk; wv
+        # this rank's output features of wq, wk, wv within wqkv
+        kv_features = self.n_local_kv_heads * self.head_dim
+        self.split_sizes = (self.n_local_heads * self.head_dim, kv_features, kv_features)
         self.wo = row_parallel(args.n_heads * self.head_dim, args.dim)
         self.cache: Optional[KVCache] = None
 
     def forward(self, x, start_pos: int, rotation, mask: Optional[torch.Tensor]) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
-        q = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
-        k = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, rotation), apply_rotary(k, rotation)
+        q_features, kv_features, _ = self.split_sizes
+        qkv = self.wqkv(x)
+        # q and k heads are adjacent in wqkv's output: rotate them in one go
+        qk = qkv[..., : q_features + kv_features].view(bsz, seqlen, -1, self.head_dim)
+        q, k = apply_rotary(qk, rotation).split([self.n_local_heads, self.n_local_kv_heads], dim=2)
+        v = qkv[..., q_features + kv_features :].view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, D)
         if self.cache is not None:
             k, v = self.cache.update(start_pos, k, v)  # (B, H_kv, start_pos + S, D)
-        # Each group of n_local_heads / n_local_kv_heads query heads shares one KV head.
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+        if seqlen == 1:
+            out = attend_one_position(q, k, v)
+        else:  # each group of n_local_heads / n_local_kv_heads query heads shares one KV head
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
 
-    def __init__(self, dim: int, hidden_dim: int):
+    def __init__(self, dim: int, hidden_dim: int, model_parallel_size: int):
         super().__init__()
-        self.w1 = column_parallel(dim, hidden_dim)
+        self.w13 = column_parallel(dim, 2 * hidden_dim)  # w1; w3
         self.w2 = row_parallel(hidden_dim, dim)
-        self.w3 = column_parallel(dim, hidden_dim)
+        self.split_sizes = (hidden_dim // model_parallel_size,) * 2  # this rank's w1, w3 within w13
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x).split(self.split_sizes, dim=-1)
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
     def __init__(self, args: ModelArgs, model_parallel_size: int):
         super().__init__()
         self.attention = Attention(args, model_parallel_size)
-        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim, model_parallel_size)
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
@@ -220,6 +260,21 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(params, model_parallel_size) for _ in range(params.n_layers))
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
         self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False, init_method=_loaded_later)
+        self.register_load_state_dict_pre_hook(lambda module, state, *args: fuse_projection_keys(state))
+        self.register_state_dict_post_hook(Transformer._split_projection_keys)
+
+    def _split_projection_keys(self, state: dict, prefix: str, local_metadata) -> None:
+        """state_dict hook: each fused weight (and any per-row tensor beside it, such as int8 scales) back into
+        its Meta-named parts."""
+        for i, layer in enumerate(self.layers):
+            for fused, parts in FUSED_PROJECTIONS.items():
+                sizes = layer.get_submodule(fused.split(".")[0]).split_sizes
+                fused_prefix = f"{prefix}layers.{i}.{fused}."
+                for key in [k for k in state if k.startswith(fused_prefix)]:
+                    if state[key].dim() and state[key].shape[0] == sum(sizes):
+                        name = key[len(fused_prefix):]
+                        for part, tensor in zip(parts, state.pop(key).split(sizes)):
+                            state[f"{prefix}layers.{i}.{part}.{name}"] = tensor
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int) -> None:
         """Allocate every layer's KV cache on the weights' device and dtype."""
@@ -236,8 +291,7 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)  # (B, S, dim)
         positions = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)
         rotation = rotary_angles(positions, self.params.head_dim, self.params.rope_theta)
-        # One query token attends to everything cached, so it needs no mask.
-        mask = causal_mask(seqlen, start_pos, tokens.device) if seqlen > 1 else None
+        mask = causal_mask(seqlen, start_pos, tokens.device) if seqlen > 1 else None  # one query sees all cached
         for layer in self.layers:
             h = layer(h, start_pos, rotation, mask)
         return self.output(self.norm(h)).float()

@@ -1,11 +1,20 @@
-"""Inference linears swapped in after loading compute what fairscale's layers compute."""
+"""Inference linears swapped in after loading compute what fairscale's layers compute, and the fused projections
+keep Meta's state-dict keys."""
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from llama.linear import PackedBf16Linear, Scratch
+from llama import cpu_kernels
+from llama.checkpoint import load_shard
+from llama.linear import CpuLinear, Scratch, quantize_int8
 from llama.model import column_parallel
+
+needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler for cpu_kernels")
 
 
 def layer_with(weight: torch.Tensor):
@@ -19,33 +28,113 @@ def model_parallel(build):
     build("mha")  # fairscale's layers need its (one-process) model-parallel group
 
 
+@needs_kernels
+@pytest.mark.parametrize("act_dtype", [torch.bfloat16, torch.float32])
+def test_kernel_matches_fp32_matmul(act_dtype):
+    # N = 37 leaves rows after the last full block of 8/4/2; K = 70 leaves a tail after the last 16-wide vector
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(37, 70, generator=gen).bfloat16()
+    q, scales = quantize_int8(torch.randn(37, 70, generator=gen))
+    scales = scales.to(act_dtype)
+    for rows in range(1, cpu_kernels.max_rows() + 1):
+        x = torch.randn(rows, 70, generator=gen).to(act_dtype)
+        out = cpu_kernels.matmul(x, weight)
+        assert out.dtype == act_dtype and out.shape == (rows, 37)
+        # exact products summed in fp32: only summation order and the final rounding to act_dtype may differ
+        tol = dict(rtol=2**-7, atol=1e-2) if act_dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(out.float(), F.linear(x.float(), weight.float()), **tol)
+        out8 = cpu_kernels.matmul(x, q, scales)
+        torch.testing.assert_close(out8.float(), F.linear(x.float(), q.float()) * scales.float(), **tol)
+
+
+@needs_kernels
+def test_kernel_refuses_too_many_rows():
+    with pytest.raises(ValueError, match="takes 1 to 8 rows, got 9"):
+        cpu_kernels.matmul(torch.zeros(9, 16), torch.zeros(4, 16, dtype=torch.bfloat16))
+
+
+@needs_kernels
 @pytest.mark.parametrize("rows", [1, 5, 64])
-@pytest.mark.parametrize("upcast_large", [True, False])
-def test_packed_bf16_linear_matches_f_linear(rows, upcast_large):
+@pytest.mark.parametrize("native_bf16", [True, False])
+@pytest.mark.parametrize("quantized", [False, True])
+def test_cpu_linear_matches_f_linear(rows, native_bf16, quantized, monkeypatch):
+    monkeypatch.setattr(Scratch, "BLOCK_NUMEL", 40 * 64)  # 40 of 96 rows per block: the prefill route in 3 blocks
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(96, 64, generator=gen).bfloat16()
     x = torch.randn(2, rows, 64, generator=gen).bfloat16()
-    packed = PackedBf16Linear(layer_with(weight), world_size=1, weight=weight, scratch=Scratch())
-    packed.upcast_large = upcast_large
+    if quantized:
+        q, scales = quantize_int8(weight)
+        linear = CpuLinear(layer_with(weight), 1, q, scales.bfloat16(), Scratch())
+        reference = F.linear(x.float(), q.float()) * scales.bfloat16().float()
+    else:
+        linear = CpuLinear(layer_with(weight), 1, weight, None, Scratch())
+        reference = F.linear(x.float(), weight.float())  # exact products of the bf16 values, summed in fp32
+    linear.native_bf16 = native_bf16
     with torch.inference_mode():
-        out = packed(x)
-    reference = F.linear(x.float(), weight.float())  # exact products of the bf16 values, summed in fp32
+        out = linear(x)
     assert out.dtype == torch.bfloat16 and out.shape == (2, rows, 96)
-    # only the final rounding to bf16 (relative 2^-8) may differ
-    assert torch.allclose(out.float(), reference, rtol=2**-7, atol=1e-2)
+    # rows * 2 <= 8 take the kernel, more the widened-weight GEMM: both sum exact products in fp32, so only the
+    # final rounding to bf16 differs. With native bf16 math the GEMM runs in bf16 from a weight rounded to bf16.
+    bf16_gemm = rows * 2 > 8 and native_bf16
+    torch.testing.assert_close(out.float(), reference, rtol=2**-7, atol=(2**-5 if bf16_gemm else 2**-7) * 4)
 
 
-def test_bf16_cpu_build_is_packed_and_tracks_fp32(build):
+@needs_kernels
+def test_bf16_cpu_build_uses_kernels_and_tracks_fp32(build):
     fp32, bf16 = build("gqa").model, build("gqa", dtype="bf16").model
-    assert isinstance(bf16.layers[0].attention.wq, PackedBf16Linear)
-    assert isinstance(bf16.output, PackedBf16Linear)
+    assert isinstance(bf16.layers[0].attention.wqkv, CpuLinear)
+    assert isinstance(bf16.output, CpuLinear) and bf16.output.weight.dtype == torch.bfloat16
     tokens = torch.randint(3, 500, (2, 40), generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
         exact = fp32.forward(tokens, 0)
-        approx = bf16.forward(tokens, 0)  # 80 rows: the fp32-upcast route on CPUs without native bf16
-        step = bf16.forward(tokens[:, -1:], 39)  # 2 rows: the packed bf16 kernel, against the prefilled cache
+        approx = bf16.forward(tokens, 0)  # 80 rows: the widened-weight GEMM
+        step = bf16.forward(tokens[:, -1:], 39)  # 2 rows: the streaming kernel, against the prefilled cache
     scale = exact.abs().max().item()
     assert (approx - exact).abs().max().item() < 0.025 * scale  # measured ~0.01
     assert (step[:, 0] - exact[:, -1]).abs().max().item() < 0.025 * scale
     top1 = (approx.argmax(-1) == exact.argmax(-1)).float().mean().item()
     assert top1 > 0.9
+
+
+def test_state_dict_keeps_meta_keys(build, tiny_dir):
+    """wq/wk/wv and w1/w3 run fused, but state_dict() gives back exactly the checkpoint's tensors and names."""
+    model = build("gqa", shards=1).model
+    meta = load_shard(str(tiny_dir / "gqa-mp1" / "consolidated.00.pth"))
+    state = model.state_dict()
+    assert sorted(state) == sorted(k for k in meta if k != "rope.freqs")
+    for key, tensor in state.items():
+        assert torch.equal(tensor, meta[key].float()), key
+    model.load_state_dict(state)  # and loads back through the same keys
+
+
+def test_without_kernels_build_falls_back_to_pytorch(tiny_dir, tokenizer_path, build):
+    """No compiler (LLAMA_NO_CPU_KERNELS here): a warning, PyTorch's matmuls, the same greedy tokens."""
+    script = (
+        "import warnings, torch\n"
+        "from llama import Llama\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        f"    g = Llama.build({str(tiny_dir / 'mha-mp1')!r}, {tokenizer_path!r}, 64, 1, device='cpu', dtype='fp32',"
+        " quantize='int8')\n"
+        "print(type(g.model.output).__name__, any('kernels disabled' in str(w.message) for w in caught))\n"
+        "print(g.generate([[1, 5, 9, 14]], max_gen_len=6, temperature=0)[0][0])\n"
+    )
+    env = {**os.environ, "LLAMA_NO_CPU_KERNELS": "1"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    kind, tokens = out.stdout.strip().splitlines()[-2:]
+    assert kind == "Int8Linear True"
+    if cpu_kernels.available():
+        expected = build("mha", max_batch_size=1, quantize="int8").generate([[1, 5, 9, 14]], 6, temperature=0)
+        assert tokens == str(expected[0][0])
+
+
+def test_kernels_build_into_cache_atomically(tmp_path):
+    """The library is compiled once into LLAMA_KERNEL_CACHE under a content-hashed name, with no temporary left."""
+    script = "from llama import cpu_kernels; print(cpu_kernels.available())"
+    env = {**os.environ, "LLAMA_KERNEL_CACHE": str(tmp_path)}
+    for _ in range(2):  # the second run reuses the first's build
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    if out.stdout.strip() != "True":
+        pytest.skip("no C++ compiler")
+    files = os.listdir(tmp_path)
+    assert len(files) == 1 and files[0].startswith("cpu_kernels-") and files[0].endswith(".so")

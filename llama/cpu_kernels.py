@@ -1,0 +1,122 @@
+"""The decoding matmuls of cpu_kernels.cpp, compiled for this CPU on first use (about 2 s with the system's C++
+compiler) and cached, then called through ctypes. Without a compiler `available()` is False and the linears fall
+back to PyTorch's kernels, with a warning.
+
+The cache lives in $LLAMA_KERNEL_CACHE, else ~/.cache/llama; the file name hashes the source, the compiler command
+and this CPU's flags, so an edit, a new compiler or another machine sharing the home directory gets its own build.
+"""
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from typing import Optional
+
+import torch
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.cpp")
+# Tried in order: tuned for this CPU with OpenMP threads, then plainer builds for compilers that refuse a flag.
+FLAG_SETS = (
+    ["-O3", "-march=native", "-fopenmp"],
+    ["-O3", "-mcpu=native", "-fopenmp"],
+    ["-O3", "-march=native"],
+    ["-O3"],
+)
+
+
+def cache_dir() -> str:
+    return os.environ.get("LLAMA_KERNEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "llama")
+
+
+def cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.processor()
+
+
+def compile_library(compiler: str, flags: list) -> Optional[str]:
+    """Path of the shared library built with these flags (reusing a cached build), or None if they fail."""
+    with open(SOURCE, "rb") as f:
+        source = f.read()
+    command = [compiler, *flags, "-std=c++17", "-shared", "-fPIC"]
+    key = hashlib.sha256(source + " ".join(command).encode() + cpu_flags().encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir(), f"cpu_kernels-{key}.so")
+    if os.path.exists(path):
+        return path
+    os.makedirs(cache_dir(), exist_ok=True)
+    # build under a temporary name and rename, so a concurrent process never loads a half-written library
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir())
+    os.close(fd)
+    try:
+        result = subprocess.run([*command, SOURCE, "-o", tmp], capture_output=True, text=True)
+        if result.returncode != 0:
+            return None
+        os.replace(tmp, path)
+        return path
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@functools.lru_cache(maxsize=None)
+def library() -> Optional[ctypes.CDLL]:
+    """The compiled kernels, or None (with a warning) when no compiler can build them."""
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if os.environ.get("LLAMA_NO_CPU_KERNELS") or compiler is None:
+        reason = "LLAMA_NO_CPU_KERNELS is set" if compiler else "no C++ compiler found (set CXX)"
+        warnings.warn(f"llama: CPU decoding kernels disabled ({reason}); using PyTorch's slower matmuls")
+        return None
+    for flags in FLAG_SETS:
+        try:
+            path = compile_library(compiler, flags)
+        except OSError:
+            path = None
+        if path is not None:
+            break
+    else:
+        warnings.warn(f"llama: {compiler} could not build {SOURCE}; using PyTorch's slower CPU matmuls")
+        return None
+    # torch, imported above, has loaded its OpenMP runtime, so the library's libgomp.so.1 resolves to that one
+    # and the kernels share PyTorch's thread pool and thread count.
+    lib = ctypes.CDLL(path)
+    lib.llama_max_rows.restype = ctypes.c_long
+    pointer, flag, size = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+    lib.llama_matmul_bf16.argtypes = [pointer, pointer, pointer, flag, size, size, size]  # x, w, y, act_bf16, M, N, K
+    lib.llama_matmul_int8.argtypes = [pointer, pointer, pointer, pointer, flag, size, size, size]  # ..., scales, y
+    return lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def max_rows() -> int:
+    """The most rows of x (batch x sequence) the kernels take; larger inputs go to PyTorch's matmuls."""
+    lib = library()
+    return lib.llama_max_rows() if lib is not None else 0
+
+
+def matmul(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x (..., K) in bf16 or fp32 @ weight (N, K)^T -> (..., N) in x's dtype. weight is bf16, or int8 with
+    scales (N,) in x's dtype. At most max_rows() rows of x; every tensor on the CPU."""
+    n, k = weight.shape
+    x2 = x.reshape(-1, k).contiguous()
+    y = torch.empty(x2.shape[0], n, dtype=x.dtype)
+    act_bf16 = int(x.dtype == torch.bfloat16)
+    lib = library()
+    if scales is None:
+        status = lib.llama_matmul_bf16(x2.data_ptr(), weight.data_ptr(), y.data_ptr(), act_bf16, x2.shape[0], n, k)
+    else:
+        status = lib.llama_matmul_int8(
+            x2.data_ptr(), weight.data_ptr(), scales.data_ptr(), y.data_ptr(), act_bf16, x2.shape[0], n, k
+        )
+    if status != 0:
+        raise ValueError(f"cpu_kernels.matmul takes 1 to {max_rows()} rows, got {x2.shape[0]}")
+    return y.view(*x.shape[:-1], n)
