@@ -58,11 +58,13 @@ def main(
     dtype: Optional[str] = None,
     quantize: Optional[str] = None,
     group_size: int = 128,
+    compile: bool = False,
 ):
     """Answer the example dialogs; --device (cpu, cuda, mps) and --dtype (bf16, fp16, fp32) override the defaults;
-    --quantize int8|int4 (with --group_size for int4) stores the linear weights quantized."""
+    --quantize int8|int4 (with --group_size for int4) stores the linear weights quantized;
+    --compile compiles the decode step (tens of seconds at start, faster tokens after)."""
     generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype,
-                            quantize=quantize, group_size=group_size)
+                            quantize=quantize, group_size=group_size, compile=compile)
     results = generator.chat_completion(DIALOGS, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
     for dialog, result in zip(DIALOGS, results):
         for message in dialog:

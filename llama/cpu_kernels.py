@@ -120,3 +120,14 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor]
     if status != 0:
         raise ValueError(f"cpu_kernels.matmul takes 1 to {max_rows()} rows, got {x2.shape[0]}")
     return y.view(*x.shape[:-1], n)
+
+
+@torch.library.custom_op("llama::cpu_matmul", mutates_args=())
+def matmul_op(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor]) -> torch.Tensor:
+    """`matmul` as a PyTorch operator, so torch.compile can place the kernel inside a compiled decode step."""
+    return matmul(x, weight, scales).clone()  # an operator's output may not be a view
+
+
+@matmul_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor]) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])

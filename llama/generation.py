@@ -64,12 +64,14 @@ class Llama:
         dtype: Optional[str] = None,
         quantize: Optional[str] = None,
         group_size: Optional[int] = None,
+        compile: bool = False,
     ) -> "Llama":
         """Load a Meta checkpoint (any shard count), a Hugging Face Llama directory or a pre-quantized checkpoint
         (`python -m llama.convert quantize`) on this process group; tokenizer_path defaults to ckpt_dir's
         tokenizer.model; device and dtype default to the best available (CUDA bf16/fp16, Apple MPS, else CPU bf16).
         quantize="int8" or "int4" (in groups of group_size, default 128) stores every linear weight-only quantized,
-        converting tensor by tensor while loading."""
+        converting tensor by tensor while loading. compile=True runs each decode step through torch.compile (with CUDA
+        graphs on CUDA): the first step of each batch size compiles, which takes tens of seconds."""
         if max_seq_len < 1 or max_batch_size < 1:
             raise ValueError(f"max_seq_len ({max_seq_len}) and max_batch_size ({max_batch_size}) must be positive")
         # Check the files before any process group or compute is set up.
@@ -141,11 +143,17 @@ class Llama:
         model.setup_caches(max_batch_size, max_seq_len)
         model.eval()
         runtime.print_rank0(f"Loaded in {time.perf_counter() - start:.2f} seconds")
-        return Llama(model, tokenizer)
+        return Llama(model, tokenizer, compile)
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, compile: bool = False):
         self.model = model
         self.tokenizer = tokenizer
+        # The static decode step (a tensor position: fixed shapes, whole-cache attention) compiled once per batch
+        # size; on CUDA "reduce-overhead" replays it as one CUDA graph, so the host issues one launch per token.
+        self.decode_step = None
+        if compile:
+            cuda = model.tok_embeddings.weight.device.type == "cuda"
+            self.decode_step = torch.compile(model.forward, mode="reduce-overhead" if cuda else None, dynamic=False)
 
     def _check_generate_args(self, prompt_tokens, max_gen_len, temperature, top_p) -> None:
         params = self.model.params
@@ -205,8 +213,15 @@ class Llama:
         # The common prefix of all prompts is fed at once; then one position per step, where rows still inside
         # their prompt take the prompt's token instead of the sampled one.
         prev_pos = 0
+        position = None  # the compiled step's position, a device tensor advanced in place: no host-device copy
         for cur_pos in range(min_prompt_len, total_len):
-            logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos)
+            if self.decode_step is not None and cur_pos - prev_pos == 1:
+                if position is None:
+                    position = torch.tensor(prev_pos, device=device)
+                logits = self.decode_step(tokens[:, prev_pos:cur_pos].contiguous(), position)
+                position += 1
+            else:
+                logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos)
             next_token = sample_next(logits[:, -1], temperature, top_p)
             next_token = torch.where(is_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
             tokens[:, cur_pos] = next_token

@@ -101,7 +101,8 @@ class CpuLinear(ParallelLinear):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() // x.shape[-1] <= self.kernel_rows:
-            return cpu_kernels.matmul(x, self.weight, self.scales)
+            kernel = cpu_kernels.matmul_op if torch.compiler.is_compiling() else cpu_kernels.matmul
+            return kernel(x, self.weight, self.scales)
         dtype = x.dtype if self.native_bf16 else torch.float32
         xw = x.to(dtype)
         step = max(1, Scratch.BLOCK_NUMEL // self.in_features)

@@ -10,7 +10,7 @@ and derives device and dtype from its inputs and weights.
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
@@ -106,6 +106,9 @@ def fuse_projection_keys(state: dict) -> None:
                 state[f"{prefix}{fused}.weight"] = torch.cat([state.pop(k) for k in part_keys])
 
 
+Position = Union[int, torch.Tensor]  # a step's first position: an int, or a 0-d tensor for a static decode step
+
+
 def _loaded_later(weight: torch.Tensor) -> torch.Tensor:
     """fairscale init_method that leaves weights uninitialised: they are replaced by the checkpoint's."""
     return weight
@@ -159,14 +162,17 @@ def causal_mask(seqlen: int, start_pos: int, device: torch.device) -> torch.Tens
     return key_pos[None, :] <= query_pos[:, None]
 
 
-def attend_one_position(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Attention of a decode step's single query position to every cached one, in fp32: q (B, H, 1, D) against k, v
-    (B, H_kv, T, D) -> (B, H, 1, D). Query head h uses KV head h // (H / H_kv), as grouped-query attention does, by
-    viewing the queries as (B, H_kv, H / H_kv, D), so the cache is never repeated. Three small matmuls: on the CPU
-    several times faster than the fused SDPA kernel for one query, and it needs no mask."""
+def attend_one_position(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        visible: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Attention of a decode step's single query position to the cached ones, in fp32: q (B, H, 1, D) against k, v
+    (B, H_kv, T, D) -> (B, H, 1, D); `visible` (T,) bool masks out keys, else all T are seen. Query head h uses KV
+    head h // (H / H_kv), as grouped-query attention does, by viewing the queries as (B, H_kv, H / H_kv, D), so the
+    cache is never repeated. Three small matmuls: on the CPU several times faster than the fused SDPA kernel."""
     bsz, n_heads, _, head_dim = q.shape
     grouped = q.reshape(bsz, k.shape[1], n_heads // k.shape[1], head_dim).float()
     scores = grouped @ k.float().transpose(-1, -2) * head_dim**-0.5  # (B, H_kv, H / H_kv, T)
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
     out = torch.softmax(scores, dim=-1) @ v.float()
     return out.view(bsz, n_heads, 1, head_dim).to(q.dtype)
 
@@ -180,9 +186,14 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v: (B, H, S, D) at positions start_pos.., return all cached keys and values up to them."""
+    def update(self, start_pos: Position, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v: (B, H, S, D) at positions start_pos.. and return the cached keys and values: up to them for
+        an int start_pos, or the whole fixed-size cache for a tensor one (a static step: S is 1)."""
         bsz, _, seqlen, _ = k.shape
+        if isinstance(start_pos, torch.Tensor):
+            self.k[:bsz].index_copy_(2, start_pos.view(1), k)
+            self.v[:bsz].index_copy_(2, start_pos.view(1), v)
+            return self.k[:bsz], self.v[:bsz]
         end = start_pos + seqlen
         self.k[:bsz, :, start_pos:end] = k
         self.v[:bsz, :, start_pos:end] = v
@@ -203,7 +214,7 @@ class Attention(nn.Module):
         self.wo = row_parallel(args.n_heads * self.head_dim, args.dim)
         self.cache: Optional[KVCache] = None
 
-    def forward(self, x, start_pos: int, rotation, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x, start_pos: Position, rotation, mask: Optional[torch.Tensor]) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         q_features, kv_features, _ = self.split_sizes
         qkv = self.wqkv(x)
@@ -215,7 +226,7 @@ class Attention(nn.Module):
         if self.cache is not None:
             k, v = self.cache.update(start_pos, k, v)  # (B, H_kv, start_pos + S, D)
         if seqlen == 1:
-            out = attend_one_position(q, k, v)
+            out = attend_one_position(q, k, v, mask)
         else:  # each group of n_local_heads / n_local_kv_heads query heads shares one KV head
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
@@ -285,13 +296,25 @@ class Transformer(nn.Module):
                 max_batch_size, max_seq_len, attn.n_local_kv_heads, attn.head_dim, weight.dtype, weight.device
             )
 
-    def forward(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
-        """tokens: (B, S) ids at positions start_pos..start_pos+S-1 -> fp32 logits (B, S, vocab_size)."""
+    def forward(self, tokens: torch.Tensor, start_pos: Position) -> torch.Tensor:
+        """tokens: (B, S) ids at positions start_pos..start_pos+S-1 -> fp32 logits (B, S, vocab_size).
+
+        With start_pos a 0-d integer tensor on the weights' device, a static decode step: S is 1, the token
+        attends over the whole fixed-size cache with a mask, and every shape is the same from step to step, so
+        torch.compile and CUDA graphs capture the step once and reuse it (no host sync, no recompiling).
+        """
         seqlen = tokens.shape[1]
         h = self.tok_embeddings(tokens)  # (B, S, dim)
-        positions = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)
+        if isinstance(start_pos, torch.Tensor):
+            if seqlen != 1:
+                raise ValueError(f"a static decode step (tensor start_pos) takes one position, got {seqlen}")
+            positions = start_pos.view(1)
+            max_seq_len = self.layers[0].attention.cache.k.shape[2]
+            mask = torch.arange(max_seq_len, device=tokens.device) <= start_pos  # (T,) keys written so far
+        else:
+            positions = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)
+            mask = causal_mask(seqlen, start_pos, tokens.device) if seqlen > 1 else None  # one query sees all
         rotation = rotary_angles(positions, self.params.head_dim, self.params.rope_theta)
-        mask = causal_mask(seqlen, start_pos, tokens.device) if seqlen > 1 else None  # one query sees all cached
         for layer in self.layers:
             h = layer(h, start_pos, rotation, mask)
         return self.output(self.norm(h)).float()

@@ -79,6 +79,20 @@ def test_cached_decoding_equals_full_forward(build, config):
     assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("config", ["mha", "gqa"])
+def test_static_decode_step_equals_cached_forward(build, config):
+    """A tensor start_pos (the compiled path's step: whole-cache attention under a mask) gives the same logits."""
+    model = build(config).model
+    tokens = torch.randint(3, 500, (3, 20), generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        full = model.forward(tokens, 0)
+        model.forward(tokens[:, :12], 0)
+        steps = [model.forward(tokens[:, p : p + 1], torch.tensor(p)) for p in range(12, 20)]
+        with pytest.raises(ValueError, match="static decode step .* takes one position, got 2"):
+            model.forward(tokens[:, :2], torch.tensor(0))
+    assert torch.allclose(torch.cat(steps, dim=1), full[:, 12:], atol=1e-5, rtol=0)
+
+
 def test_causal_mask_with_cache_offset():
     mask = causal_mask(seqlen=2, start_pos=3, device=torch.device("cpu"))
     assert mask.tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
