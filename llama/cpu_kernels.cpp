@@ -1,10 +1,17 @@
-// Decoding matmuls for the CPU: y (M, N) = x (M, K) @ W (N, K)^T for a few rows M (the batch of one decode step),
-// with W in bf16, or in int8 with one scale per output row. Each weight is read from memory once and widened to
-// fp32 in registers, so the loop runs at memory bandwidth; oneDNN instead emulates bf16 on CPUs without native bf16
-// math, and PyTorch's int8 kernel streams well below bandwidth. Built and loaded by cpu_kernels.py.
+// CPU kernels for decoding, built and loaded by cpu_kernels.py.
 //
-// x and y are bf16 or fp32 (both the same, `act_bf16`); int8 scales have x's dtype. Sums are fp32.
+// - Matmuls y (M, N) = x (M, K) @ W (N, K)^T for a few rows M (the batch of one decode step), with W in bf16, or in
+//   int8 with one scale per output row. Each weight is read from memory once and widened to fp32 in registers, so
+//   the loop runs at memory bandwidth; oneDNN instead emulates bf16 on CPUs without native bf16 math, and PyTorch's
+//   int8 kernel streams well below bandwidth.
+// - RMSNorm and one-query attention: a few microseconds of work each, which PyTorch spreads over a dozen ops whose
+//   dispatch costs more than the arithmetic.
+//
+// Activations are bf16 or fp32 (`act_bf16`; every activation, norm weight and int8 scale of a call has that
+// dtype); all sums are fp32.
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -32,6 +39,17 @@ inline uint16_t float_to_bf16(float f) {  // round to nearest even, as PyTorch d
     if ((bits & 0x7fffffff) > 0x7f800000) return 0x7fc0;  // NaN
     bits += 0x7fff + ((bits >> 16) & 1);
     return uint16_t(bits >> 16);
+}
+
+inline float load_act(const void* p, bool act_bf16, long i) {
+    return act_bf16 ? bf16_to_float(static_cast<const uint16_t*>(p)[i]) : static_cast<const float*>(p)[i];
+}
+
+inline void store_act(void* p, bool act_bf16, long i, float v) {
+    if (act_bf16)
+        static_cast<uint16_t*>(p)[i] = float_to_bf16(v);
+    else
+        static_cast<float*>(p)[i] = v;
 }
 
 inline float widen(uint16_t w) { return bf16_to_float(w); }
@@ -85,12 +103,6 @@ inline void dot_block(const float* x, const T* w, long K, long k_end, long n0, f
 constexpr long VECTOR = 1;
 #endif
 
-template <typename T>
-inline float scale_of(const void* scales, bool act_bf16, long n) {
-    if (scales == nullptr) return 1.0f;
-    return act_bf16 ? bf16_to_float(static_cast<const uint16_t*>(scales)[n]) : static_cast<const float*>(scales)[n];
-}
-
 // Rows n0..n0+R of y: the vector part of each dot product, the K % VECTOR tail, the scale, the store.
 template <long M, long R, typename T>
 inline void rows(const float* x, const T* w, const void* scales, void* y, bool act_bf16, long N, long K, long n0) {
@@ -102,11 +114,8 @@ inline void rows(const float* x, const T* w, const void* scales, void* y, bool a
             const long n = n0 + r;
             float sum = out[m][r];
             for (long k = k_end; k < K; k++) sum += x[m * K + k] * widen(w[n * K + k]);
-            sum *= scale_of<T>(scales, act_bf16, n);
-            if (act_bf16)
-                static_cast<uint16_t*>(y)[m * N + n] = float_to_bf16(sum);
-            else
-                static_cast<float*>(y)[m * N + n] = sum;
+            if (scales != nullptr) sum *= load_act(scales, act_bf16, n);
+            store_act(y, act_bf16, m * N + n, sum);
         }
 }
 
@@ -125,8 +134,7 @@ template <typename T>
 int matmul(const void* x_in, const T* w, const void* scales, void* y, int act_bf16, long M, long N, long K) {
     if (M < 1 || M > MAX_ROWS) return 1;
     std::vector<float> x(M * K);  // the activations in fp32, read once per weight row
-    for (long i = 0; i < M * K; i++)
-        x[i] = act_bf16 ? bf16_to_float(static_cast<const uint16_t*>(x_in)[i]) : static_cast<const float*>(x_in)[i];
+    for (long i = 0; i < M * K; i++) x[i] = load_act(x_in, act_bf16, i);
     switch (M) {
         case 1: matmul_rows<1, T>(x.data(), w, scales, y, act_bf16, N, K); break;
         case 2: matmul_rows<2, T>(x.data(), w, scales, y, act_bf16, N, K); break;
@@ -156,5 +164,66 @@ int llama_matmul_bf16(const void* x, const uint16_t* w, void* y, int act_bf16, l
 int llama_matmul_int8(const void* x, const int8_t* w, const void* scales, void* y, int act_bf16, long M, long N,
                       long K) {
     return matmul<int8_t>(x, w, scales, y, act_bf16, M, N, K);
+}
+
+// y (M, K) = x / sqrt(mean(x^2) + eps) * weight, row by row, rounded once.
+void llama_rms_norm(const void* x, const void* weight, void* y, int act_bf16, long M, long K, float eps) {
+#pragma omp parallel for schedule(static) if (M * K >= (1 << 16))
+    for (long m = 0; m < M; m++) {
+        float squares = 0;
+        for (long k = 0; k < K; k++) {
+            const float v = load_act(x, act_bf16, m * K + k);
+            squares += v * v;
+        }
+        const float inv_rms = 1.0f / std::sqrt(squares / K + eps);
+        for (long k = 0; k < K; k++)
+            store_act(y, act_bf16, m * K + k, load_act(x, act_bf16, m * K + k) * inv_rms * load_act(weight, act_bf16, k));
+    }
+}
+
+// One decode step of attention at position `pos` for B sequences. qkv (B, (H + 2 H_kv) D) holds each row's query
+// heads, then key heads, then value heads (wqkv's output); caches are (B_max, H_kv, T_max, D). Rotates q and k by
+// rotation (D / 2 pairs of cos, sin, fp32) as interleaved pairs, rounds them to the activation dtype as the model's
+// tensors would be, writes k and v at `pos`, and attends each query head h over positions 0..pos of KV head
+// h / (H / H_kv), writing out (B, H D). Everything but the stored values is fp32.
+void llama_decode_attention(const void* qkv, void* cache_k, void* cache_v, const float* rotation, void* out,
+                            int act_bf16, long B, long H, long H_kv, long D, long T_max, long pos) {
+    const long row = (H + 2 * H_kv) * D, group = H / H_kv;
+    const float scale = 1.0f / std::sqrt(float(D));
+    auto rotated = [&](long offset, long d) {  // element d of the rotated head at qkv[offset..], rounded
+        const float a = load_act(qkv, act_bf16, offset + (d & ~1L)), b = load_act(qkv, act_bf16, offset + (d | 1L));
+        const float c = rotation[d & ~1L], s = rotation[d | 1L];
+        const float v = (d & 1) ? a * s + b * c : a * c - b * s;
+        return act_bf16 ? bf16_to_float(float_to_bf16(v)) : v;
+    };
+    for (long b = 0; b < B; b++)
+        for (long h = 0; h < H_kv; h++) {
+            const long slot = ((b * H_kv + h) * T_max + pos) * D;
+            for (long d = 0; d < D; d++) {
+                store_act(cache_k, act_bf16, slot + d, rotated(b * row + (H + h) * D, d));
+                store_act(cache_v, act_bf16, slot + d, load_act(qkv, act_bf16, b * row + (H + H_kv + h) * D + d));
+            }
+        }
+#pragma omp parallel for schedule(static) if (B * H * (pos + 1) * D >= (1 << 15))
+    for (long bh = 0; bh < B * H; bh++) {
+        const long b = bh / H, h = bh % H;
+        const long first = (b * H_kv + h / group) * T_max * D;  // position 0 of this head's KV head
+        std::vector<float> query(D), scores(pos + 1), acc(D, 0.0f);
+        for (long d = 0; d < D; d++) query[d] = rotated(b * row + h * D, d);
+        float best = -INFINITY;
+        for (long t = 0; t <= pos; t++) {
+            float dot = 0;
+            for (long d = 0; d < D; d++) dot += query[d] * load_act(cache_k, act_bf16, first + t * D + d);
+            scores[t] = dot * scale;
+            best = std::max(best, scores[t]);
+        }
+        float total = 0;
+        for (long t = 0; t <= pos; t++) total += scores[t] = std::exp(scores[t] - best);
+        for (long t = 0; t <= pos; t++) {
+            const float p = scores[t] / total;
+            for (long d = 0; d < D; d++) acc[d] += p * load_act(cache_v, act_bf16, first + t * D + d);
+        }
+        for (long d = 0; d < D; d++) store_act(out, act_bf16, bh * D + d, acc[d]);
+    }
 }
 }

@@ -1,4 +1,4 @@
-"""The decoding matmuls of cpu_kernels.cpp, compiled for this CPU on first use (about 2 s with the system's C++
+"""The decoding kernels of cpu_kernels.cpp (matmuls, RMSNorm, a decode step's attention), compiled for this CPU on first use (about 2 s with the system's C++
 compiler) and cached, then called through ctypes. Without a compiler `available()` is False and the linears fall
 back to PyTorch's kernels, with a warning.
 
@@ -90,11 +90,22 @@ def library() -> Optional[ctypes.CDLL]:
     pointer, flag, size = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
     lib.llama_matmul_bf16.argtypes = [pointer, pointer, pointer, flag, size, size, size]  # x, w, y, act_bf16, M, N, K
     lib.llama_matmul_int8.argtypes = [pointer, pointer, pointer, pointer, flag, size, size, size]  # ..., scales, y
+    lib.llama_rms_norm.argtypes = [pointer, pointer, pointer, flag, size, size, ctypes.c_float]  # x, w, y, .., eps
+    lib.llama_rms_norm.restype = None
+    lib.llama_decode_attention.argtypes = [pointer] * 5 + [flag] + [size] * 6  # qkv, caches, rotation, out, ...
+    lib.llama_decode_attention.restype = None
     return lib
 
 
 def available() -> bool:
     return library() is not None
+
+
+def usable(x: torch.Tensor) -> bool:
+    """Whether the kernels can take activations x: on the CPU, bf16 or fp32, outside torch.compile (which traces
+    PyTorch's own ops, and `matmul_op` for the matmuls), with the library built."""
+    return (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32)
+            and not torch.compiler.is_compiling() and available())
 
 
 def max_rows() -> int:
@@ -120,6 +131,31 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor]
     if status != 0:
         raise ValueError(f"cpu_kernels.matmul takes 1 to {max_rows()} rows, got {x2.shape[0]}")
     return y.view(*x.shape[:-1], n)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x (..., K) / sqrt(mean(x^2) + eps) * weight (K,), summed in fp32 and rounded once to x's dtype."""
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    k = x.shape[-1]
+    library().llama_rms_norm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), int(x.dtype == torch.bfloat16),
+                             x.numel() // k, k, eps)
+    return y
+
+
+def decode_attention(qkv: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, rotation: torch.Tensor,
+                     pos: int, n_heads: int, n_kv_heads: int) -> torch.Tensor:
+    """A decode step's attention in one call: qkv (B, 1, (n_heads + 2 n_kv_heads) D) as wqkv gives it; rotary on
+    q and k by rotation (1, D / 2) complex64; k and v written at `pos` of cache_k, cache_v (B_max, n_kv_heads,
+    T_max, D), contiguous, in qkv's dtype); q attends over positions 0..pos -> (B, 1, n_heads D)."""
+    qkv = qkv.contiguous()
+    bsz = qkv.shape[0]
+    head_dim = cache_k.shape[-1]
+    out = qkv.new_empty(bsz, 1, n_heads * head_dim)
+    library().llama_decode_attention(
+        qkv.data_ptr(), cache_k.data_ptr(), cache_v.data_ptr(), torch.view_as_real(rotation).data_ptr(), out.data_ptr(),
+        int(qkv.dtype == torch.bfloat16), bsz, n_heads, n_kv_heads, head_dim, cache_k.shape[2], pos)
+    return out
 
 
 @torch.library.custom_op("llama::cpu_matmul", mutates_args=())

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from fairscale.nn.model_parallel.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
 from torch import nn
 
+from llama import cpu_kernels
+
 
 @dataclass
 class ModelArgs:
@@ -131,8 +133,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One fused op that accumulates in fp32 whatever x's dtype, and rounds once (Meta's rounds the normalised
-        # x to the model dtype, then multiplies): identical in fp32, within a rounding in bf16, at half the cost.
+        # Accumulates in fp32 whatever x's dtype and rounds once (Meta's rounds the normalised x to the model dtype,
+        # then multiplies): identical in fp32, within a rounding in bf16, and one call instead of several.
+        if cpu_kernels.usable(x):
+            return cpu_kernels.rms_norm(x, self.weight, self.eps)
         return F.rms_norm(x, x.shape[-1:], self.weight, eps=self.eps)
 
 
@@ -167,7 +171,7 @@ def attend_one_position(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Attention of a decode step's single query position to the cached ones, in fp32: q (B, H, 1, D) against k, v
     (B, H_kv, T, D) -> (B, H, 1, D); `visible` (T,) bool masks out keys, else all T are seen. Query head h uses KV
     head h // (H / H_kv), as grouped-query attention does, by viewing the queries as (B, H_kv, H / H_kv, D), so the
-    cache is never repeated. Three small matmuls: on the CPU several times faster than the fused SDPA kernel."""
+    cache is never repeated. Three small matmuls: several times faster than the fused SDPA kernel for one query."""
     bsz, n_heads, _, head_dim = q.shape
     grouped = q.reshape(bsz, k.shape[1], n_heads // k.shape[1], head_dim).float()
     scores = grouped @ k.float().transpose(-1, -2) * head_dim**-0.5  # (B, H_kv, H / H_kv, T)
@@ -218,6 +222,11 @@ class Attention(nn.Module):
         bsz, seqlen, _ = x.shape
         q_features, kv_features, _ = self.split_sizes
         qkv = self.wqkv(x)
+        if seqlen == 1 and isinstance(start_pos, int) and self.cache is not None and cpu_kernels.usable(qkv):
+            # the rest of this method in one call: dozens of tiny ops cost more in dispatch than in arithmetic
+            out = cpu_kernels.decode_attention(qkv, self.cache.k, self.cache.v, rotation, start_pos,
+                                               self.n_local_heads, self.n_local_kv_heads)
+            return self.wo(out)
         # q and k heads are adjacent in wqkv's output: rotate them in one go
         qk = qkv[..., : q_features + kv_features].view(bsz, seqlen, -1, self.head_dim)
         q, k = apply_rotary(qk, rotation).split([self.n_local_heads, self.n_local_kv_heads], dim=2)

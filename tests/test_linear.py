@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from llama import cpu_kernels
 from llama.checkpoint import load_shard
 from llama.linear import CpuLinear, Scratch, quantize_int8
-from llama.model import column_parallel
+from llama.model import apply_rotary, attend_one_position, column_parallel, rotary_angles
 
 needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler for cpu_kernels")
 
@@ -45,6 +45,31 @@ def test_kernel_matches_fp32_matmul(act_dtype):
         torch.testing.assert_close(out.float(), F.linear(x.float(), weight.float()), **tol)
         out8 = cpu_kernels.matmul(x, q, scales)
         torch.testing.assert_close(out8.float(), F.linear(x.float(), q.float()) * scales.float(), **tol)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rms_norm_and_decode_attention_kernels_match_torch(dtype):
+    gen = torch.Generator().manual_seed(2)
+    x, weight = torch.randn(3, 5, 80, generator=gen).to(dtype), torch.rand(80, generator=gen).to(dtype)
+    reference = F.rms_norm(x.float(), (80,), weight.float(), eps=1e-5)
+    tol = dict(rtol=2**-7, atol=2**-7) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cpu_kernels.rms_norm(x, weight, 1e-5).float(), reference, **tol)
+
+    # batch 2 at position 6 of an 8-slot cache, 4 query heads sharing 2 KV heads of size 16
+    n_heads, n_kv_heads, head_dim, pos = 4, 2, 16, 6
+    cache_k, cache_v = (torch.randn(3, n_kv_heads, 8, head_dim, generator=gen).to(dtype) for _ in range(2))
+    qkv = torch.randn(2, 1, (n_heads + 2 * n_kv_heads) * head_dim, generator=gen).to(dtype)
+    rotation = rotary_angles(torch.tensor([pos]), head_dim, 10000.0)
+    q, k, v = qkv.view(2, 1, -1, head_dim).split([n_heads, n_kv_heads, n_kv_heads], dim=2)
+    q, k = apply_rotary(q, rotation), apply_rotary(k, rotation)
+    ref_k, ref_v = cache_k.clone(), cache_v.clone()
+    ref_k[:2, :, pos], ref_v[:2, :, pos] = k[:, 0], v[:, 0]
+    expected = attend_one_position(q.transpose(1, 2), ref_k[:2, :, : pos + 1], ref_v[:2, :, : pos + 1])
+    out = cpu_kernels.decode_attention(qkv, cache_k, cache_v, rotation, pos, n_heads, n_kv_heads)
+    torch.testing.assert_close(cache_k, ref_k, **tol)  # rotated k and v written at pos, rounded as torch rounds
+    torch.testing.assert_close(cache_v, ref_v, rtol=0, atol=0)
+    torch.testing.assert_close(out.float(), expected.transpose(1, 2).reshape(2, 1, -1).float(), **tol)
 
 
 @needs_kernels
