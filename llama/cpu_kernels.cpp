@@ -4,7 +4,7 @@
 //   int8 with one scale per output row. Each weight is read from memory once and widened to fp32 in registers, so
 //   the loop runs at memory bandwidth; oneDNN instead emulates bf16 on CPUs without native bf16 math, and PyTorch's
 //   int8 kernel streams well below bandwidth.
-// - RMSNorm and one-query attention: a few microseconds of work each, which PyTorch spreads over a dozen ops whose
+// - RMSNorm and a decode step's attention: a few microseconds of work each, which PyTorch spreads over a dozen ops whose
 //   dispatch costs more than the arithmetic.
 //
 // Activations are bf16 or fp32 (`act_bf16`; every activation, norm weight and int8 scale of a call has that

@@ -4,6 +4,8 @@ back to PyTorch's kernels, with a warning.
 
 The cache lives in $LLAMA_KERNEL_CACHE, else ~/.cache/llama; the file name hashes the source, the compiler command
 and this CPU's flags, so an edit, a new compiler or another machine sharing the home directory gets its own build.
+$CXX picks the compiler and $LLAMA_KERNEL_FLAGS replaces the flags tried (e.g. "-O3" for the portable loops that
+other CPUs than AVX-512 ones run).
 """
 
 import ctypes
@@ -73,7 +75,8 @@ def library() -> Optional[ctypes.CDLL]:
         reason = "LLAMA_NO_CPU_KERNELS is set" if compiler else "no C++ compiler found (set CXX)"
         warnings.warn(f"llama: CPU decoding kernels disabled ({reason}); using PyTorch's slower matmuls")
         return None
-    for flags in FLAG_SETS:
+    flag_sets = [os.environ["LLAMA_KERNEL_FLAGS"].split()] if os.environ.get("LLAMA_KERNEL_FLAGS") else FLAG_SETS
+    for flags in flag_sets:
         try:
             path = compile_library(compiler, flags)
         except OSError:
