@@ -138,9 +138,12 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor]
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x (..., K) / sqrt(mean(x^2) + eps) * weight (K,), summed in fp32 and rounded once to x's dtype."""
+    k = x.shape[-1]
+    if weight.shape != (k,) or weight.dtype != x.dtype:
+        raise ValueError(f"rms_norm: weight {tuple(weight.shape)} {weight.dtype} does not match x's last dim {k} "
+                         f"and dtype {x.dtype}")
     x = x.contiguous()
     y = torch.empty_like(x)
-    k = x.shape[-1]
     library().llama_rms_norm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), int(x.dtype == torch.bfloat16),
                              x.numel() // k, k, eps)
     return y
@@ -154,6 +157,12 @@ def decode_attention(qkv: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Te
     qkv = qkv.contiguous()
     bsz = qkv.shape[0]
     head_dim = cache_k.shape[-1]
+    # the kernel writes into the caches: check what would otherwise write out of bounds
+    if not (0 <= pos < cache_k.shape[2] and bsz <= cache_k.shape[0] and cache_k.shape == cache_v.shape
+            and cache_k.dtype == cache_v.dtype == qkv.dtype and cache_k.is_contiguous() and cache_v.is_contiguous()
+            and qkv.shape[-1] == (n_heads + 2 * n_kv_heads) * head_dim and n_kv_heads == cache_k.shape[1]):
+        raise ValueError(f"decode_attention: position {pos} or qkv {tuple(qkv.shape)} {qkv.dtype} does not fit "
+                         f"caches {tuple(cache_k.shape)} {cache_k.dtype} with {n_heads}/{n_kv_heads} heads")
     out = qkv.new_empty(bsz, 1, n_heads * head_dim)
     library().llama_decode_attention(
         qkv.data_ptr(), cache_k.data_ptr(), cache_v.data_ptr(), torch.view_as_real(rotation).data_ptr(), out.data_ptr(),

@@ -85,7 +85,7 @@ class CpuLinear(ParallelLinear):
                  scratch: Scratch):
         """weight: (N, K) bf16, or int8 with scales (N,) in the model dtype."""
         super().__init__(layer, world_size)
-        self.register_buffer("weight", weight)
+        self.register_buffer("weight", weight.contiguous())  # the kernel walks rows of K elements
         self.register_buffer("scales", scales)
         self.scratch = scratch
         self.kernel_rows = cpu_kernels.max_rows()

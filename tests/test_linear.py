@@ -70,6 +70,8 @@ def test_rms_norm_and_decode_attention_kernels_match_torch(dtype):
     torch.testing.assert_close(cache_k, ref_k, **tol)  # rotated k and v written at pos, rounded as torch rounds
     torch.testing.assert_close(cache_v, ref_v, rtol=0, atol=0)
     torch.testing.assert_close(out.float(), expected.transpose(1, 2).reshape(2, 1, -1).float(), **tol)
+    with pytest.raises(ValueError, match="position 8 .* does not fit caches"):  # past the cache: refused, not written
+        cpu_kernels.decode_attention(qkv, cache_k, cache_v, rotation, 8, n_heads, n_kv_heads)
 
 
 @needs_kernels
