@@ -119,21 +119,22 @@ def max_rows() -> int:
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x (..., K) in bf16 or fp32 @ weight (N, K)^T -> (..., N) in x's dtype. weight is bf16, or int8 with
-    scales (N,) in x's dtype. At most max_rows() rows of x; every tensor on the CPU."""
+    scales (N,) in x's dtype. At most max_rows() rows of x; every tensor on the CPU, weight contiguous.
+    (Called once per linear per decode step: kept to the few tensor calls it needs.)"""
     n, k = weight.shape
-    x2 = x.reshape(-1, k).contiguous()
-    y = torch.empty(x2.shape[0], n, dtype=x.dtype)
-    act_bf16 = int(x.dtype == torch.bfloat16)
-    lib = library()
+    x = x.contiguous()
+    rows = x.numel() // k
+    y = x.new_empty(x.shape[:-1] + (n,))
+    act_bf16 = x.dtype == torch.bfloat16
     if scales is None:
-        status = lib.llama_matmul_bf16(x2.data_ptr(), weight.data_ptr(), y.data_ptr(), act_bf16, x2.shape[0], n, k)
+        status = library().llama_matmul_bf16(x.data_ptr(), weight.data_ptr(), y.data_ptr(), act_bf16, rows, n, k)
     else:
-        status = lib.llama_matmul_int8(
-            x2.data_ptr(), weight.data_ptr(), scales.data_ptr(), y.data_ptr(), act_bf16, x2.shape[0], n, k
+        status = library().llama_matmul_int8(
+            x.data_ptr(), weight.data_ptr(), scales.data_ptr(), y.data_ptr(), act_bf16, rows, n, k
         )
     if status != 0:
-        raise ValueError(f"cpu_kernels.matmul takes 1 to {max_rows()} rows, got {x2.shape[0]}")
-    return y.view(*x.shape[:-1], n)
+        raise ValueError(f"cpu_kernels.matmul takes 1 to {max_rows()} rows, got {rows}")
+    return y
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -173,7 +174,7 @@ def decode_attention(qkv: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Te
 @torch.library.custom_op("llama::cpu_matmul", mutates_args=())
 def matmul_op(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor]) -> torch.Tensor:
     """`matmul` as a PyTorch operator, so torch.compile can place the kernel inside a compiled decode step."""
-    return matmul(x, weight, scales).clone()  # an operator's output may not be a view
+    return matmul(x, weight, scales)
 
 
 @matmul_op.register_fake
