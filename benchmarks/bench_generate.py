@@ -117,8 +117,7 @@ def run_ours(ckpt_dir, tokenizer_path, device, dtype, max_gen_len, **build_kwarg
     # what one decode step at batch 1 streams: every weight (packed or quantized, as held) but the embedding
     tensors = [t for name, t in [*generator.model.named_parameters(), *generator.model.named_buffers()]
                if not name.startswith("tok_embeddings") and ".cache." not in name]
-    # (shape and dtype, not numel(): oneDNN-packed tensors report no elements)
-    streamed = sum(t.shape.numel() * t.dtype.itemsize for t in tensors)
+    streamed = sum(t.nbytes for t in tensors)
     return {"load_s": load_s, "streamed_bytes": streamed, **measure(prefill, generate, dev, max_gen_len)}
 
 

@@ -65,8 +65,7 @@ def measure(ckpt_dir: str, tokenizer_path: str, what: str, out_dir: str) -> None
     else:
         generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=16, max_batch_size=1, device="cpu", dtype=what)
         model = generator.model  # the KV cache (buffers too) is negligible at 16 positions
-        # shape and dtype, not nbytes: the CPU's oneDNN-packed bf16 weights report none
-        kept = sum(t.shape.numel() * t.dtype.itemsize for t in itertools.chain(model.parameters(), model.buffers()))
+        kept = sum(t.nbytes for t in itertools.chain(model.parameters(), model.buffers()))
     seconds = time.perf_counter() - start
     if kept:
         start = time.perf_counter()

@@ -1,7 +1,6 @@
 """generate / text_completion semantics: greedy batching, logprobs, echo, sampling, and bad input."""
 
 import json
-import os
 import shutil
 
 import pytest

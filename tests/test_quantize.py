@@ -9,7 +9,6 @@ zero point or packing (errors of order 1) fails them while rounding noise does n
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from llama import cpu_kernels
 from llama.linear import CpuLinear, Int4Linear, Int8Linear, linear_factory, quantize_int4, quantize_int8, supported_quantize_modes
