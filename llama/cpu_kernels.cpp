@@ -3,18 +3,25 @@
 // - Matmuls y (M, N) = x (M, K) @ W (N, K)^T for a few rows M (the batch of one decode step), with W in bf16, or in
 //   int8 with one scale per output row. Each weight is read from memory once and widened to fp32 in registers, so
 //   the loop runs at memory bandwidth; oneDNN instead emulates bf16 on CPUs without native bf16 math, and PyTorch's
-//   int8 kernel streams well below bandwidth.
+//   int8 kernel streams well below bandwidth. With int8 weights (on AVX-512) the activations are rounded to int16,
+//   with one fp32 scale per QBLOCK of each row, and multiplied by the weights as exact integer dot products
+//   (vpdpwssd): a fifth of the instructions of widening every weight to fp32. The rounding is at most 2^-16 of the
+//   block's largest activation, far below the int8 weights' own (2^-8 of the row's largest weight).
 // - RMSNorm and a decode step's attention: a few microseconds of work each, which PyTorch spreads over a dozen ops whose
 //   dispatch costs more than the arithmetic.
 //
+// - A whole decode step through all Transformer blocks in one call, on one process: the Python around each of
+//   these ops costs as much as the ops themselves for small models.
+//
 // Activations are bf16 or fp32 (`act_bf16`; every activation, norm weight and int8 scale of a call has that
-// dtype); all sums are fp32.
+// dtype); all sums are fp32 (or exact int32 within a QBLOCK).
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -25,6 +32,7 @@
 namespace {
 
 constexpr long MAX_ROWS = 8;
+constexpr long QBLOCK = 256;  // activations per int16 scale: each int32 lane sums 16 products, far from overflow
 
 inline float bf16_to_float(uint16_t v) {
     uint32_t bits = uint32_t(v) << 16;
@@ -55,97 +63,193 @@ inline void store_act(void* p, bool act_bf16, long i, float v) {
 inline float widen(uint16_t w) { return bf16_to_float(w); }
 inline float widen(int8_t w) { return float(w); }
 
+// A matmul's activations, converted once per call: fp32, and for int8 weights on AVX-512 also int16 with one
+// scale per QBLOCK elements of each row (x[m, k] ~= q[m, k] * scale[m, k / QBLOCK]).
+struct Activations {
+    std::vector<float> x;
+    std::vector<int16_t> q;
+    std::vector<float> scale;
+    long blocks = 0;
+};
+
 #ifdef LLAMA_AVX512
+constexpr bool INT16_ACTIVATIONS = true;
+
 inline __m512 load16(const uint16_t* p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
-inline __m512 load16(const int8_t* p) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+
+// The next block's rows, one line each time this block's rows cross a line: short rows (K < ~2048) end before the
+// hardware prefetcher has ramped up, so without this each block starts with cache misses.
+template <long R, typename T>
+inline void prefetch_next(const T* w, long K, long k, long n0) {
+    if (k % (64 / long(sizeof(T))) == 0)
+        for (long r = 0; r < R; r++) _mm_prefetch((const char*)(w + (n0 + R + r) * K + k), _MM_HINT_T0);
 }
 
-// Dot products of M rows of x with R consecutive rows of W, n0.., over k in [0, k_end), k_end a multiple of 16.
-template <long M, long R, typename T>
-inline void dot_block(const float* x, const T* w, long K, long k_end, long n0, float out[M][R]) {
+// Dot products of M rows of x with R consecutive bf16 rows of W, n0.., over k in [0, k_end), k_end a multiple of 16.
+template <long M, long R>
+inline void dot_block(const Activations& a, const uint16_t* w, long K, long k_end, long n0, float out[M][R]) {
     __m512 acc[M][R];
     for (long m = 0; m < M; m++)
         for (long r = 0; r < R; r++) acc[m][r] = _mm512_setzero_ps();
-    constexpr long LINE = 64 / sizeof(T);  // weights per cache line
     for (long k = 0; k < k_end; k += 16) {
+        prefetch_next<R>(w, K, k, n0);
         __m512 wv[R];
-        // The next block's rows, one line each time this block's rows cross a line: short rows (K < ~2048) end
-        // before the hardware prefetcher has ramped up, so without this each block starts with cache misses.
-        if (k % LINE == 0)
-            for (long r = 0; r < R; r++) _mm_prefetch((const char*)(w + (n0 + R + r) * K + k), _MM_HINT_T0);
         for (long r = 0; r < R; r++) wv[r] = load16(w + (n0 + r) * K + k);
         for (long m = 0; m < M; m++) {
-            __m512 xv = _mm512_loadu_ps(x + m * K + k);
+            __m512 xv = _mm512_loadu_ps(a.x.data() + m * K + k);
             for (long r = 0; r < R; r++) acc[m][r] = _mm512_fmadd_ps(xv, wv[r], acc[m][r]);
         }
     }
     for (long m = 0; m < M; m++)
         for (long r = 0; r < R; r++) out[m][r] = _mm512_reduce_add_ps(acc[m][r]);
 }
-constexpr long VECTOR = 16;
+
+inline __m512i dot_pairs(__m512i acc, __m512i x, __m512i w) {  // acc + x[2i] w[2i] + x[2i+1] w[2i+1], in int32
+#ifdef __AVX512VNNI__
+    return _mm512_dpwssd_epi32(acc, x, w);
 #else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(x, w));
+#endif
+}
+
+// The same for int8 rows against the int16 activations, k_end a multiple of 32: exact int32 sums per QBLOCK, then
+// scaled into fp32.
+template <long M, long R>
+inline void dot_block(const Activations& a, const int8_t* w, long K, long k_end, long n0, float out[M][R]) {
+    __m512 acc[M][R];
+    for (long m = 0; m < M; m++)
+        for (long r = 0; r < R; r++) acc[m][r] = _mm512_setzero_ps();
+    for (long k0 = 0; k0 < k_end; k0 += QBLOCK) {
+        __m512i dots[M][R];
+        for (long m = 0; m < M; m++)
+            for (long r = 0; r < R; r++) dots[m][r] = _mm512_setzero_si512();
+        for (long k = k0; k < std::min(k0 + QBLOCK, k_end); k += 32) {
+            prefetch_next<R>(w, K, k, n0);
+            __m512i wv[R];
+            for (long r = 0; r < R; r++)
+                wv[r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w + (n0 + r) * K + k)));
+            for (long m = 0; m < M; m++) {
+                __m512i xv = _mm512_loadu_si512(a.q.data() + m * K + k);
+                for (long r = 0; r < R; r++) dots[m][r] = dot_pairs(dots[m][r], xv, wv[r]);
+            }
+        }
+        for (long m = 0; m < M; m++) {
+            const __m512 scale = _mm512_set1_ps(a.scale[m * a.blocks + k0 / QBLOCK]);
+            for (long r = 0; r < R; r++) acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[m][r]), scale, acc[m][r]);
+        }
+    }
+    for (long m = 0; m < M; m++)
+        for (long r = 0; r < R; r++) out[m][r] = _mm512_reduce_add_ps(acc[m][r]);
+}
+
+template <typename T>
+constexpr long vector_width() { return std::is_same<T, int8_t>::value ? 32 : 16; }
+#else
+constexpr bool INT16_ACTIVATIONS = false;
+
 // Portable fallback: the compiler vectorizes the inner loop for whatever -march it was given.
 template <long M, long R, typename T>
-inline void dot_block(const float* x, const T* w, long K, long k_end, long n0, float out[M][R]) {
+inline void dot_block(const Activations& a, const T* w, long K, long k_end, long n0, float out[M][R]) {
     for (long m = 0; m < M; m++)
         for (long r = 0; r < R; r++) {
             const T* row = w + (n0 + r) * K;
-            const float* xm = x + m * K;
+            const float* xm = a.x.data() + m * K;
             float sum = 0;
 #pragma omp simd reduction(+ : sum)
             for (long k = 0; k < k_end; k++) sum += xm[k] * widen(row[k]);
             out[m][r] = sum;
         }
 }
-constexpr long VECTOR = 1;
+
+template <typename T>
+constexpr long vector_width() { return 1; }
 #endif
 
-// Rows n0..n0+R of y: the vector part of each dot product, the K % VECTOR tail, the scale, the store.
+// Whether int8 weights meet int16 activations (else every weight is widened to fp32).
+template <typename T>
+constexpr bool int16_activations() { return INT16_ACTIVATIONS && std::is_same<T, int8_t>::value; }
+
+// Rows n0..n0+R of y: the vector part of each dot product, the K % vector_width tail (in fp32), the scale, the store.
 template <long M, long R, typename T>
-inline void rows(const float* x, const T* w, const void* scales, void* y, bool act_bf16, long N, long K, long n0) {
-    const long k_end = K - K % VECTOR;
+inline void rows(const Activations& a, const T* w, const void* scales, void* y, bool act_bf16, long N, long K,
+                 long n0) {
+    const long k_end = K - K % vector_width<T>();
     float out[M][R];
-    dot_block<M, R, T>(x, w, K, k_end, n0, out);
+    dot_block<M, R>(a, w, K, k_end, n0, out);
     for (long m = 0; m < M; m++)
         for (long r = 0; r < R; r++) {
             const long n = n0 + r;
             float sum = out[m][r];
-            for (long k = k_end; k < K; k++) sum += x[m * K + k] * widen(w[n * K + k]);
+            for (long k = k_end; k < K; k++) sum += a.x[m * K + k] * widen(w[n * K + k]);
             if (scales != nullptr) sum *= load_act(scales, act_bf16, n);
             store_act(y, act_bf16, m * N + n, sum);
         }
 }
 
-// Blocks of R output rows are shared out among the OpenMP threads (PyTorch's own pool: same libgomp); enough
-// rows per block to give the hardware prefetcher R streams, few enough that M * R accumulators fit in registers.
+// Output rows per block: enough to give the hardware prefetcher R streams, few enough that the M * R accumulators
+// (twice that with int16 activations) fit in the 32 vector registers.
 template <long M, typename T>
-void matmul_rows(const float* x, const T* w, const void* scales, void* y, bool act_bf16, long N, long K) {
-    constexpr long R = M == 1 ? 8 : M <= 4 ? 4 : 2;
+constexpr long block_rows() {
+    if (int16_activations<T>()) return M == 1 ? 8 : M <= 3 ? 4 : M <= 6 ? 2 : 1;
+    return M == 1 ? 8 : M <= 4 ? 4 : 2;
+}
+
+// Blocks of rows are shared out among the OpenMP threads (PyTorch's own pool: same libgomp).
+template <long M, typename T>
+void matmul_rows(const Activations& a, const T* w, const void* scales, void* y, bool act_bf16, long N, long K) {
+    constexpr long R = block_rows<M, T>();
     const long blocks = N / R;
 #pragma omp parallel for schedule(static)
-    for (long b = 0; b < blocks; b++) rows<M, R, T>(x, w, scales, y, act_bf16, N, K, b * R);
-    for (long n = blocks * R; n < N; n++) rows<M, 1, T>(x, w, scales, y, act_bf16, N, K, n);
+    for (long b = 0; b < blocks; b++) rows<M, R, T>(a, w, scales, y, act_bf16, N, K, b * R);
+    for (long n = blocks * R; n < N; n++) rows<M, 1, T>(a, w, scales, y, act_bf16, N, K, n);
+}
+
+// x (M, K) as the kernels read it: fp32, and int16 in blocks where int8 weights take it.
+template <typename T>
+void convert_activations(const void* x, bool act_bf16, long M, long K, Activations& a) {
+    a.x.resize(M * K);
+    for (long i = 0; i < M * K; i++) a.x[i] = load_act(x, act_bf16, i);
+    if (!int16_activations<T>()) return;
+    const long k_end = K - K % vector_width<T>();
+    a.blocks = (k_end + QBLOCK - 1) / QBLOCK;
+    a.q.resize(M * K);
+    a.scale.resize(M * a.blocks);
+    for (long m = 0; m < M; m++)
+        for (long b = 0; b < a.blocks; b++) {
+            const float* xb = a.x.data() + m * K + b * QBLOCK;
+            const long len = std::min(QBLOCK, k_end - b * QBLOCK);
+            float largest = 0;
+            for (long k = 0; k < len; k++) largest = std::max(largest, std::fabs(xb[k]));
+            const float inverse = largest > 0 ? 32767.0f / largest : 0.0f;
+            a.scale[m * a.blocks + b] = largest / 32767.0f;
+            for (long k = 0; k < len; k++) a.q[m * K + b * QBLOCK + k] = int16_t(std::lrintf(xb[k] * inverse));
+        }
 }
 
 template <typename T>
-int matmul(const void* x_in, const T* w, const void* scales, void* y, int act_bf16, long M, long N, long K) {
+int matmul(const void* x, const T* w, const void* scales, void* y, int act_bf16, long M, long N, long K) {
     if (M < 1 || M > MAX_ROWS) return 1;
-    std::vector<float> x(M * K);  // the activations in fp32, read once per weight row
-    for (long i = 0; i < M * K; i++) x[i] = load_act(x_in, act_bf16, i);
+    Activations a;
+    convert_activations<T>(x, act_bf16, M, K, a);
     switch (M) {
-        case 1: matmul_rows<1, T>(x.data(), w, scales, y, act_bf16, N, K); break;
-        case 2: matmul_rows<2, T>(x.data(), w, scales, y, act_bf16, N, K); break;
-        case 3: matmul_rows<3, T>(x.data(), w, scales, y, act_bf16, N, K); break;
-        case 4: matmul_rows<4, T>(x.data(), w, scales, y, act_bf16, N, K); break;
-        case 5: matmul_rows<5, T>(x.data(), w, scales, y, act_bf16, N, K); break;
-        case 6: matmul_rows<6, T>(x.data(), w, scales, y, act_bf16, N, K); break;
-        case 7: matmul_rows<7, T>(x.data(), w, scales, y, act_bf16, N, K); break;
-        default: matmul_rows<8, T>(x.data(), w, scales, y, act_bf16, N, K); break;
+        case 1: matmul_rows<1, T>(a, w, scales, y, act_bf16, N, K); break;
+        case 2: matmul_rows<2, T>(a, w, scales, y, act_bf16, N, K); break;
+        case 3: matmul_rows<3, T>(a, w, scales, y, act_bf16, N, K); break;
+        case 4: matmul_rows<4, T>(a, w, scales, y, act_bf16, N, K); break;
+        case 5: matmul_rows<5, T>(a, w, scales, y, act_bf16, N, K); break;
+        case 6: matmul_rows<6, T>(a, w, scales, y, act_bf16, N, K); break;
+        case 7: matmul_rows<7, T>(a, w, scales, y, act_bf16, N, K); break;
+        default: matmul_rows<8, T>(a, w, scales, y, act_bf16, N, K); break;
     }
     return 0;
+}
+
+// A layer's linear: weight (N, K) bf16 when scales is null, else int8 with scales (N,).
+int linear(const void* x, const void* w, const void* scales, void* y, int act_bf16, long M, long N, long K) {
+    return scales == nullptr ? matmul(x, static_cast<const uint16_t*>(w), nullptr, y, act_bf16, M, N, K)
+                             : matmul(x, static_cast<const int8_t*>(w), scales, y, act_bf16, M, N, K);
 }
 
 }  // namespace
@@ -154,7 +258,7 @@ extern "C" {
 
 long llama_max_rows() { return MAX_ROWS; }
 
-int llama_vectorized() { return VECTOR > 1; }
+int llama_vectorized() { return vector_width<uint16_t>() > 1; }
 
 // Returns 0, or 1 when M is outside 1..llama_max_rows().
 int llama_matmul_bf16(const void* x, const uint16_t* w, void* y, int act_bf16, long M, long N, long K) {
@@ -225,5 +329,47 @@ void llama_decode_attention(const void* qkv, void* cache_k, void* cache_v, const
         }
         for (long d = 0; d < D; d++) store_act(out, act_bf16, bh * D + d, acc[d]);
     }
+}
+
+// One decode step at position `pos` through n_layers Transformer blocks on one process, h (B, dim) updated in
+// place: for each block, h += wo(attention(rms_norm(h))), then h += w2(silu(w1 x) * w3 x) with x = rms_norm(h),
+// rounding where PyTorch's ops would (each op's output in the activation dtype). `tensors` holds LAYER_TENSORS
+// pointers per layer, in this order: attention_norm weight, wqkv weight and scales, wo weight and scales,
+// ffn_norm weight, w13 weight and scales, w2 weight and scales, cache_k, cache_v (scales null for bf16 weights).
+// wqkv's rows are wq's, wk's, wv's; w13's are w1's (hidden of them), then w3's. Returns 0, or 1 when B is outside
+// 1..llama_max_rows().
+int llama_decode_layers(const void* const* tensors, long n_layers, void* h, const float* rotation, int act_bf16,
+                        long B, long dim, long H, long H_kv, long D, long hidden, long T_max, long pos, float eps) {
+    constexpr long LAYER_TENSORS = 12;
+    if (B < 1 || B > MAX_ROWS) return 1;
+    const long size = act_bf16 ? 2 : 4, qkv_features = (H + 2 * H_kv) * D;
+    std::vector<char> normed(B * dim * size), qkv(B * qkv_features * size), attended(B * H * D * size),
+        projected(B * dim * size), up(B * 2 * hidden * size), gated(B * hidden * size);
+    auto add_to_h = [&]() {  // the residual connection
+        for (long i = 0; i < B * dim; i++)
+            store_act(h, act_bf16, i, load_act(h, act_bf16, i) + load_act(projected.data(), act_bf16, i));
+    };
+    auto round_act = [&](float v) { return act_bf16 ? bf16_to_float(float_to_bf16(v)) : v; };
+    for (long l = 0; l < n_layers; l++) {
+        const void* const* t = tensors + l * LAYER_TENSORS;
+        llama_rms_norm(h, t[0], normed.data(), act_bf16, B, dim, eps);
+        linear(normed.data(), t[1], t[2], qkv.data(), act_bf16, B, qkv_features, dim);
+        llama_decode_attention(qkv.data(), const_cast<void*>(t[10]), const_cast<void*>(t[11]), rotation,
+                               attended.data(), act_bf16, B, H, H_kv, D, T_max, pos);
+        linear(attended.data(), t[3], t[4], projected.data(), act_bf16, B, dim, H * D);
+        add_to_h();
+        llama_rms_norm(h, t[5], normed.data(), act_bf16, B, dim, eps);
+        linear(normed.data(), t[6], t[7], up.data(), act_bf16, B, 2 * hidden, dim);
+        for (long b = 0; b < B; b++)
+            for (long i = 0; i < hidden; i++) {
+                const float gate = load_act(up.data(), act_bf16, b * 2 * hidden + i);
+                const float silu = round_act(gate / (1.0f + std::exp(-gate)));
+                store_act(gated.data(), act_bf16, b * hidden + i,
+                          silu * load_act(up.data(), act_bf16, b * 2 * hidden + hidden + i));
+            }
+        linear(gated.data(), t[8], t[9], projected.data(), act_bf16, B, dim, hidden);
+        add_to_h();
+    }
+    return 0;
 }
 }

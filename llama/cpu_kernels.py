@@ -1,5 +1,6 @@
-"""The decoding kernels of cpu_kernels.cpp (matmuls, RMSNorm, a decode step's attention), compiled for this CPU on first use (about 2 s with the system's C++
-compiler) and cached, then called through ctypes. Without a compiler `available()` is False and the linears fall
+"""The decoding kernels of cpu_kernels.cpp (matmuls, RMSNorm, a decode step's attention, and all of a decode step's
+Transformer blocks in one call), compiled for this CPU on first use (about 2 s with the system's C++ compiler) and
+cached, then called through ctypes. Without a compiler `available()` is False and the linears fall
 back to PyTorch's kernels, with a warning.
 
 The cache lives in $LLAMA_KERNEL_CACHE, else ~/.cache/llama; the file name hashes the source, the compiler command
@@ -97,6 +98,8 @@ def library() -> Optional[ctypes.CDLL]:
     lib.llama_rms_norm.restype = None
     lib.llama_decode_attention.argtypes = [pointer] * 5 + [flag] + [size] * 6  # qkv, caches, rotation, out, ...
     lib.llama_decode_attention.restype = None
+    # tensors, n_layers, h, rotation, act_bf16, B, dim, H, H_kv, D, hidden, T_max, pos, eps
+    lib.llama_decode_layers.argtypes = [pointer, size, pointer, pointer, flag] + [size] * 8 + [ctypes.c_float]
     return lib
 
 
@@ -168,6 +171,55 @@ def decode_attention(qkv: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Te
     library().llama_decode_attention(
         qkv.data_ptr(), cache_k.data_ptr(), cache_v.data_ptr(), torch.view_as_real(rotation).data_ptr(), out.data_ptr(),
         int(qkv.dtype == torch.bfloat16), bsz, n_heads, n_kv_heads, head_dim, cache_k.shape[2], pos)
+    return out
+
+
+def layer_tensors(layer: torch.nn.Module, h: torch.Tensor, cache_shape: torch.Size) -> Optional[list]:
+    """The tensors of a TransformerBlock that llama_decode_layers reads, in its order, or None when the block cannot
+    run there: a linear that is not a single-process kernel linear (see `CpuLinear.kernel_operands`), or a tensor
+    whose dtype or shape is not what the kernel assumes for activations h (B, 1, dim) and caches of cache_shape."""
+    attention, ffn = layer.attention, layer.feed_forward
+    linears = (attention.wqkv, attention.wo, ffn.w13, ffn.w2)
+    operands = [getattr(linear, "kernel_operands", lambda: None)() for linear in linears]
+    if None in operands or attention.cache is None:
+        return None
+    (wqkv, wqkv_scales), (wo, wo_scales), (w13, w13_scales), (w2, w2_scales) = operands
+    norms, caches = (layer.attention_norm.weight, layer.ffn_norm.weight), (attention.cache.k, attention.cache.v)
+    dim, hidden = h.shape[-1], ffn.split_sizes[0]
+    heads = attention.n_local_heads * attention.head_dim
+    shapes = ((heads + 2 * cache_shape[1] * cache_shape[3], dim), (dim, heads), (2 * hidden, dim), (dim, hidden))
+    for (weight, scales), shape in zip(operands, shapes):
+        expected = (torch.bfloat16, None) if scales is None else (torch.int8, h.dtype)
+        if (weight.dtype, None if scales is None else scales.dtype) != expected or weight.shape != shape:
+            return None
+    if any(t.dtype != h.dtype for t in norms + caches) or any(c.shape != cache_shape or not c.is_contiguous()
+                                                               for c in caches):
+        return None
+    return [norms[0], wqkv, wqkv_scales, wo, wo_scales, norms[1], w13, w13_scales, w2, w2_scales, *caches]
+
+
+def decode_layers(layers: torch.nn.ModuleList, h: torch.Tensor, pos: int,
+                  rotation: torch.Tensor) -> Optional[torch.Tensor]:
+    """A whole decode step through the Transformer blocks `layers` in one call: h (B, 1, dim) at position pos, with
+    rotation (1, D / 2) complex64 -> the last block's output, rounded as the blocks' own ops round; or None when a
+    block cannot run in the kernel (see `layer_tensors`), and the caller runs the blocks itself."""
+    if len(layers) == 0 or layers[0].attention.cache is None:
+        return None
+    first = layers[0].attention
+    cache_shape = first.cache.k.shape  # (B_max, H_kv, T_max, D)
+    bsz, dim = h.shape[0], h.shape[-1]
+    if h.shape[1] != 1 or not (0 <= pos < cache_shape[2] and 1 <= bsz <= min(cache_shape[0], max_rows())):
+        return None
+    per_layer = [layer_tensors(layer, h, cache_shape) for layer in layers]
+    if any(tensors is None for tensors in per_layer):
+        return None
+    pointers = [0 if t is None else t.data_ptr() for tensors in per_layer for t in tensors]
+    out = h.contiguous().clone()  # the kernel updates it in place
+    library().llama_decode_layers(
+        (ctypes.c_void_p * len(pointers))(*pointers), len(layers), out.data_ptr(),
+        torch.view_as_real(rotation).data_ptr(), int(h.dtype == torch.bfloat16), bsz, dim, first.n_local_heads,
+        cache_shape[1], cache_shape[3], layers[0].feed_forward.split_sizes[0], cache_shape[2], pos,
+        layers[0].attention_norm.eps)
     return out
 
 

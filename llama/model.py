@@ -324,6 +324,14 @@ class Transformer(nn.Module):
             positions = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)
             mask = causal_mask(seqlen, start_pos, tokens.device) if seqlen > 1 else None  # one query sees all
         rotation = rotary_angles(positions, self.params.head_dim, self.params.rope_theta)
-        for layer in self.layers:
-            h = layer(h, start_pos, rotation, mask)
+        # A decode step on one CPU process runs all blocks in one kernel call, when their weights are the kernels'
+        # (see cpu_kernels.decode_layers): the same ops, without the Python around each of them.
+        fused = None
+        if seqlen == 1 and isinstance(start_pos, int) and cpu_kernels.usable(h):
+            fused = cpu_kernels.decode_layers(self.layers, h, start_pos, rotation)
+        if fused is not None:
+            h = fused
+        else:
+            for layer in self.layers:
+                h = layer(h, start_pos, rotation, mask)
         return self.output(self.norm(h)).float()

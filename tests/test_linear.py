@@ -28,23 +28,46 @@ def model_parallel(build):
     build("mha")  # fairscale's layers need its (one-process) model-parallel group
 
 
+def as_int8_kernel_rounds(x: torch.Tensor) -> torch.Tensor:
+    """x (fp32) as the int8 kernel of an AVX-512 build multiplies it: the first K - K % 32 columns rounded to int16
+    steps of 1/32767 of the largest |x| in each block of 256 of them; the rest exact."""
+    if not cpu_kernels.library().llama_vectorized():
+        return x
+    k_end = x.shape[-1] - x.shape[-1] % 32
+    out = x.clone()
+    for start in range(0, k_end, 256):
+        block = x[..., start : min(start + 256, k_end)]
+        largest = block.abs().amax(-1, keepdim=True)
+        inverse = torch.full_like(largest, 32767) / largest  # (not 32767 / largest: that multiplies by 1 / largest)
+        out[..., start : start + block.shape[-1]] = torch.round(block * inverse) * (largest / 32767)
+    return out
+
+
 @needs_kernels
 @pytest.mark.parametrize("act_dtype", [torch.bfloat16, torch.float32])
-def test_kernel_matches_fp32_matmul(act_dtype):
-    # N = 37 leaves rows after the last full block of 8/4/2; K = 70 leaves a tail after the last 16-wide vector
+@pytest.mark.parametrize("in_features", [70, 600])
+def test_kernel_matches_fp32_matmul(act_dtype, in_features):
+    # N = 37 leaves rows after the last full block of 8/4/2; K = 70 and 600 leave tails after the last 16- or
+    # 32-wide vector, and 600 spans three blocks of int16 activations (256, 256, 64)
     gen = torch.Generator().manual_seed(0)
-    weight = torch.randn(37, 70, generator=gen).bfloat16()
-    q, scales = quantize_int8(torch.randn(37, 70, generator=gen))
+    weight = torch.randn(37, in_features, generator=gen).bfloat16()
+    q, scales = quantize_int8(torch.randn(37, in_features, generator=gen))
     scales = scales.to(act_dtype)
     for rows in range(1, cpu_kernels.max_rows() + 1):
-        x = torch.randn(rows, 70, generator=gen).to(act_dtype)
+        x = torch.randn(rows, in_features, generator=gen).to(act_dtype)
         out = cpu_kernels.matmul(x, weight)
         assert out.dtype == act_dtype and out.shape == (rows, 37)
         # exact products summed in fp32: only summation order and the final rounding to act_dtype may differ
         tol = dict(rtol=2**-7, atol=1e-2) if act_dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(out.float(), F.linear(x.float(), weight.float()), **tol)
-        out8 = cpu_kernels.matmul(x, q, scales)
-        torch.testing.assert_close(out8.float(), F.linear(x.float(), q.float()) * scales.float(), **tol)
+        # int8: the references in fp64, as the kernel's integer sums are exact
+        out8 = cpu_kernels.matmul(x, q, scales).double()
+        exact = F.linear(x.double(), q.double()) * scales.double()
+        rounded = F.linear(as_int8_kernel_rounds(x.float()).double(), q.double()) * scales.double()
+        torch.testing.assert_close(out8, rounded, **tol)
+        # the int16 rounding of activations moves outputs by ~1e-5 of their scale: far below int8's own error
+        rounding = 0 if act_dtype == torch.float32 else 2**-8  # the output's own, in bf16
+        assert (out8 - exact).abs().max() <= (1e-4 + rounding) * exact.abs().max()
 
 
 @needs_kernels
@@ -121,6 +144,26 @@ def test_bf16_cpu_build_uses_kernels_and_tracks_fp32(build):
     assert (step[:, 0] - exact[:, -1]).abs().max().item() < 0.025 * scale
     top1 = (approx.argmax(-1) == exact.argmax(-1)).float().mean().item()
     assert top1 > 0.9
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype,quantize", [("bf16", None), ("bf16", "int8"), ("fp32", "int8")])
+def test_decode_step_in_one_kernel_call_matches_the_blocks_own_ops(build, dtype, quantize, monkeypatch):
+    """On one CPU process a decode step runs every block in one cpu_kernels.decode_layers call, with the ops and the
+    roundings the blocks' own forward would use: the logits match the block-by-block step."""
+    model = build("gqa", dtype=dtype, quantize=quantize, max_batch_size=3).model
+    tokens = torch.randint(3, 500, (3, 12), generator=torch.Generator().manual_seed(4))
+    taken = []
+    real = cpu_kernels.decode_layers
+    monkeypatch.setattr(cpu_kernels, "decode_layers", lambda *args: taken.append(1) or real(*args))
+    with torch.inference_mode():
+        model.forward(tokens[:, :-1], 0)
+        fused = model.forward(tokens[:, -1:], 11)
+        monkeypatch.setattr(cpu_kernels, "decode_layers", lambda *args: None)
+        per_block = model.forward(tokens[:, -1:], 11)  # rewrites position 11 of the caches with the same values
+    assert taken == [1]
+    # identical here; only SiLU's exp (the C library's against PyTorch's) could flip a bf16 rounding elsewhere
+    torch.testing.assert_close(fused, per_block, rtol=0, atol=1e-5 if dtype == "fp32" else 2e-2)
 
 
 def test_state_dict_keeps_meta_keys(build, tiny_dir):
