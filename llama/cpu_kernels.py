@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+import weakref
 from typing import Optional
 
 import torch
@@ -174,35 +175,57 @@ def decode_attention(qkv: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Te
     return out
 
 
-def layer_tensors(layer: torch.nn.Module, h: torch.Tensor, cache_shape: torch.Size) -> Optional[list]:
-    """The tensors of a TransformerBlock that llama_decode_layers reads, in its order, or None when the block cannot
-    run there: a linear that is not a single-process kernel linear (see `CpuLinear.kernel_operands`), or a tensor
-    whose dtype or shape is not what the kernel assumes for activations h (B, 1, dim) and caches of cache_shape."""
-    attention, ffn = layer.attention, layer.feed_forward
-    linears = (attention.wqkv, attention.wo, ffn.w13, ffn.w2)
-    operands = [getattr(linear, "kernel_operands", lambda: None)() for linear in linears]
-    if None in operands or attention.cache is None:
+def child(module: torch.nn.Module, name: str):
+    """module.<name> for a submodule, parameter or buffer, read from the module's own tables: what attribute access
+    gives, without its cost on Python 3.11 (a failed plain lookup first, ~1.5 us; a step reads hundreds)."""
+    tables = vars(module)
+    for table in ("_modules", "_parameters", "_buffers"):
+        found = tables[table].get(name)
+        if found is not None:
+            return found
+    return None
+
+
+def layer_tensors(layer: torch.nn.Module) -> Optional[list]:
+    """The tensors of a TransformerBlock that llama_decode_layers reads, in its order (scales None for bf16
+    weights), or None when a linear is not a single-process kernel linear (`CpuLinear.in_decode_kernel`)."""
+    attention, ffn = child(layer, "attention"), child(layer, "feed_forward")
+    linears = (child(attention, "wqkv"), child(attention, "wo"), child(ffn, "w13"), child(ffn, "w2"))
+    cache = child(attention, "cache")
+    if cache is None or not all(getattr(linear, "in_decode_kernel", False) for linear in linears):
         return None
-    (wqkv, wqkv_scales), (wo, wo_scales), (w13, w13_scales), (w2, w2_scales) = operands
-    norms, caches = (layer.attention_norm.weight, layer.ffn_norm.weight), (attention.cache.k, attention.cache.v)
-    dim, hidden = h.shape[-1], ffn.split_sizes[0]
-    heads = attention.n_local_heads * attention.head_dim
+    (wqkv, wqkv_scales), (wo, wo_scales), (w13, w13_scales), (w2, w2_scales) = (
+        (child(linear, "weight"), child(linear, "scales")) for linear in linears)
+    return [child(child(layer, "attention_norm"), "weight"), wqkv, wqkv_scales, wo, wo_scales,
+            child(child(layer, "ffn_norm"), "weight"), w13, w13_scales, w2, w2_scales, child(cache, "k"),
+            child(cache, "v")]
+
+
+def fits_kernel(layer: torch.nn.Module, tensors: list, h: torch.Tensor, cache_shape: torch.Size) -> bool:
+    """Whether a block's `layer_tensors` have the dtypes and shapes llama_decode_layers assumes for activations
+    h (B, 1, dim) and caches of cache_shape (B_max, H_kv, T_max, D): it reads and writes through raw pointers."""
+    norms, linears, caches = tensors[0:6:5], (tensors[1:3], tensors[3:5], tensors[6:8], tensors[8:10]), tensors[10:]
+    dim, hidden = h.shape[-1], layer.feed_forward.split_sizes[0]
+    heads = layer.attention.n_local_heads * layer.attention.head_dim
     shapes = ((heads + 2 * cache_shape[1] * cache_shape[3], dim), (dim, heads), (2 * hidden, dim), (dim, hidden))
-    for (weight, scales), shape in zip(operands, shapes):
+    for (weight, scales), shape in zip(linears, shapes):
         expected = (torch.bfloat16, None) if scales is None else (torch.int8, h.dtype)
         if (weight.dtype, None if scales is None else scales.dtype) != expected or weight.shape != shape:
-            return None
-    if any(t.dtype != h.dtype for t in norms + caches) or any(c.shape != cache_shape or not c.is_contiguous()
-                                                               for c in caches):
-        return None
-    return [norms[0], wqkv, wqkv_scales, wo, wo_scales, norms[1], w13, w13_scales, w2, w2_scales, *caches]
+            return False
+    return all(t.dtype == h.dtype and t.shape == (dim,) for t in norms) and all(
+        c.dtype == h.dtype and c.shape == cache_shape and c.is_contiguous() for c in caches)
+
+
+# For each stack of blocks, its last checked tensor pointers (with the activations' dtype and width and the caches'
+# shape) and the pointer array built from them: checking every tensor costs as much as a small model's step.
+_checked = weakref.WeakKeyDictionary()
 
 
 def decode_layers(layers: torch.nn.ModuleList, h: torch.Tensor, pos: int,
                   rotation: torch.Tensor) -> Optional[torch.Tensor]:
     """A whole decode step through the Transformer blocks `layers` in one call: h (B, 1, dim) at position pos, with
     rotation (1, D / 2) complex64 -> the last block's output, rounded as the blocks' own ops round; or None when a
-    block cannot run in the kernel (see `layer_tensors`), and the caller runs the blocks itself."""
+    block cannot run in the kernel (see `layer_tensors` and `fits_kernel`), and the caller runs the blocks itself."""
     if len(layers) == 0 or layers[0].attention.cache is None:
         return None
     first = layers[0].attention
@@ -210,16 +233,21 @@ def decode_layers(layers: torch.nn.ModuleList, h: torch.Tensor, pos: int,
     bsz, dim = h.shape[0], h.shape[-1]
     if h.shape[1] != 1 or not (0 <= pos < cache_shape[2] and 1 <= bsz <= min(cache_shape[0], max_rows())):
         return None
-    per_layer = [layer_tensors(layer, h, cache_shape) for layer in layers]
+    per_layer = [layer_tensors(layer) for layer in layers]
     if any(tensors is None for tensors in per_layer):
         return None
     pointers = [0 if t is None else t.data_ptr() for tensors in per_layer for t in tensors]
+    key = (h.dtype, dim, cache_shape, *pointers)
+    checked = _checked.get(layers)
+    if checked is None or checked[0] != key:
+        if not all(fits_kernel(layer, tensors, h, cache_shape) for layer, tensors in zip(layers, per_layer)):
+            return None
+        _checked[layers] = checked = (key, (ctypes.c_void_p * len(pointers))(*pointers))
     out = h.contiguous().clone()  # the kernel updates it in place
     library().llama_decode_layers(
-        (ctypes.c_void_p * len(pointers))(*pointers), len(layers), out.data_ptr(),
-        torch.view_as_real(rotation).data_ptr(), int(h.dtype == torch.bfloat16), bsz, dim, first.n_local_heads,
-        cache_shape[1], cache_shape[3], layers[0].feed_forward.split_sizes[0], cache_shape[2], pos,
-        layers[0].attention_norm.eps)
+        checked[1], len(layers), out.data_ptr(), torch.view_as_real(rotation).data_ptr(),
+        int(h.dtype == torch.bfloat16), bsz, dim, first.n_local_heads, cache_shape[1], cache_shape[3],
+        layers[0].feed_forward.split_sizes[0], cache_shape[2], pos, layers[0].attention_norm.eps)
     return out
 
 

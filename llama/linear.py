@@ -90,11 +90,9 @@ class CpuLinear(ParallelLinear):
         self.scratch = scratch
         self.kernel_rows = cpu_kernels.max_rows()
         self.native_bf16 = cpu_has_native_bf16()
-
-    def kernel_operands(self) -> Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
-        """(weight, scales) for cpu_kernels.decode_layers, which runs a decode step's blocks in one call; None when
-        a collective must follow the matmul (model parallel), which the kernel does not do."""
-        return (self.weight, self.scales) if self.collective is None else None
+        # cpu_kernels.decode_layers may run a decode step's blocks in one call with this weight and scales; not
+        # when a collective must follow the matmul (model parallel), which that call does not do
+        self.in_decode_kernel = self.collective is None
 
     def widened(self, first: int, last: int, dtype: torch.dtype) -> torch.Tensor:
         """Weight rows first..last-1 as dtype, dequantized."""

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from llama import cpu_kernels
 from llama.checkpoint import load_shard
 from llama.linear import CpuLinear, Scratch, quantize_int8
-from llama.model import apply_rotary, attend_one_position, column_parallel, rotary_angles
+from llama.model import apply_rotary, attend_one_position, column_parallel, rotary_angles, row_parallel
 
 needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler for cpu_kernels")
 
@@ -164,6 +164,47 @@ def test_decode_step_in_one_kernel_call_matches_the_blocks_own_ops(build, dtype,
     assert taken == [1]
     # identical here; only SiLU's exp (the C library's against PyTorch's) could flip a bf16 rounding elsewhere
     torch.testing.assert_close(fused, per_block, rtol=0, atol=1e-5 if dtype == "fp32" else 2e-2)
+
+
+@needs_kernels
+def test_decode_kernel_follows_replaced_weights_and_modules(build, monkeypatch):
+    """The one-call decode step reuses its checked pointers only while every tensor is the one it checked: a
+    replaced weight is used at once, and a linear the kernel cannot run sends the step back to the blocks."""
+    model = build("gqa", dtype="bf16").model
+    tokens = torch.randint(3, 500, (1, 8), generator=torch.Generator().manual_seed(5))
+    ran, real = [], cpu_kernels.decode_layers
+
+    def spy(*args):
+        out = real(*args)
+        ran.append(out is not None)
+        return out
+
+    def step():
+        with torch.inference_mode():
+            return model.forward(tokens[:, -1:], 7)
+
+    def step_by_blocks():
+        with monkeypatch.context() as patch:
+            patch.setattr(cpu_kernels, "decode_layers", lambda *args: None)
+            return step()
+
+    monkeypatch.setattr(cpu_kernels, "decode_layers", spy)
+    with torch.inference_mode():
+        model.forward(tokens[:, :-1], 0)
+    before = step()
+    wo = model.layers[0].attention.wo
+    wo.weight = torch.zeros_like(wo.weight)  # a new tensor at a new address
+    after = step()
+    assert ran == [True, True] and not torch.equal(before, after)
+    torch.testing.assert_close(after, step_by_blocks(), rtol=0, atol=2e-2)
+    # a plain fairscale linear (PyTorch's matmul) in place of a kernel linear: the step runs block by block
+    w2 = model.layers[1].feed_forward.w2
+    plain = row_parallel(w2.in_features, w2.out_features)
+    plain.weight = torch.nn.Parameter(w2.weight, requires_grad=False)
+    model.layers[1].feed_forward.w2 = plain
+    ran.clear()
+    torch.testing.assert_close(step(), after, rtol=0, atol=5e-2)  # another matmul: its own roundings
+    assert ran == [False]
 
 
 def test_state_dict_keeps_meta_keys(build, tiny_dir):
