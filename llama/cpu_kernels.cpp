@@ -5,11 +5,10 @@
 //   the loop runs at memory bandwidth; oneDNN instead emulates bf16 on CPUs without native bf16 math, and PyTorch's
 //   int8 kernel streams well below bandwidth. With int8 weights (on AVX-512) the activations are rounded to int16,
 //   with one fp32 scale per QBLOCK of each row, and multiplied by the weights as exact integer dot products
-//   (vpdpwssd): a fifth of the instructions of widening every weight to fp32. The rounding is at most 2^-16 of the
+//   (vpdpwssd): a third of the instructions of widening every weight to fp32. The rounding is at most 2^-16 of the
 //   block's largest activation, far below the int8 weights' own (2^-8 of the row's largest weight).
 // - RMSNorm and a decode step's attention: a few microseconds of work each, which PyTorch spreads over a dozen ops whose
 //   dispatch costs more than the arithmetic.
-//
 // - A whole decode step through all Transformer blocks in one call, on one process: the Python around each of
 //   these ops costs as much as the ops themselves for small models.
 //
