@@ -71,6 +71,15 @@ def test_quantized_linears_compute_their_dequantized_weights(dtype):
         assert out.shape == (2, 3, 64) and (out.float() - reference).abs().max() <= tol * reference.abs().max()
 
 
+def logit_errors(exact: torch.Tensor, approx: torch.Tensor) -> tuple:
+    """(relative RMS error, mean KL(exact || approx), top-1 agreement) of approx's logits against exact's."""
+    rel_rms = ((approx - exact).pow(2).mean().sqrt() / exact.pow(2).mean().sqrt()).item()
+    log_p, log_q = torch.log_softmax(exact, -1), torch.log_softmax(approx, -1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
+    top1 = (approx.argmax(-1) == exact.argmax(-1)).float().mean().item()
+    return rel_rms, kl, top1
+
+
 @pytest.mark.parametrize("config", ["mha", "gqa"])
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quantized_model_tracks_fp32(build, config, mode):
@@ -80,13 +89,13 @@ def test_quantized_model_tracks_fp32(build, config, mode):
     assert isinstance(model.output, LINEAR_CLASS[mode])
     tokens = torch.randint(3, 500, (4, 32), generator=torch.Generator().manual_seed(4))
     with torch.inference_mode():
-        exact, approx = exact_model.forward(tokens, 0), model.forward(tokens, 0)
-    rel_rms = ((approx - exact).pow(2).mean().sqrt() / exact.pow(2).mean().sqrt()).item()
-    log_p, log_q = torch.log_softmax(exact, -1), torch.log_softmax(approx, -1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
-    top1 = (approx.argmax(-1) == exact.argmax(-1)).float().mean().item()
+        exact, prefilled = exact_model.forward(tokens, 0), model.forward(tokens, 0)  # the prompt path
+        model.forward(tokens[:, :16], 0)  # and decoding, one position at a time (the int8 CPU kernel's path)
+        decoded = torch.cat([model.forward(tokens[:, pos : pos + 1], pos) for pos in range(16, 32)], dim=1)
     max_rel_rms, max_kl, min_top1 = BOUNDS[mode]
-    assert rel_rms < max_rel_rms and kl < max_kl and top1 >= min_top1, (rel_rms, kl, top1)
+    for approx, reference in ((prefilled, exact), (decoded, exact[:, 16:])):
+        rel_rms, kl, top1 = logit_errors(reference, approx)
+        assert rel_rms < max_rel_rms and kl < max_kl and top1 >= min_top1, (rel_rms, kl, top1)
 
 
 def test_quantized_generation_api_is_unchanged(build):
