@@ -4,9 +4,10 @@
     python benchmarks/bench_generate.py --ckpt_dir llama-2-7b --tokenizer_path tokenizer.model
 
 At batch 1 every generated token streams every weight once (all but the embedding, of which one row is read),
-so decode tokens/s <= read bandwidth / bytes of those weights. The bandwidth is measured in the same run, on the
-same device, before any model is loaded. Each engine runs in a fresh subprocess so load time and peak resident
-memory are its own. Random weights are used for named shapes; greedy decoding is forced to run every step. Decode
+so decode tokens/s <= read bandwidth / bytes of those weights. The bandwidth is measured on the same device at the
+start of the run and again in each engine's process before it loads its model (a shared VM's bandwidth drifts by
+10-20% over minutes), and each row's ceiling uses its own measurement. Each engine runs in a fresh subprocess so
+load time and peak resident memory are its own. Random weights are used for named shapes; greedy decoding is forced to run every step. Decode
 speed excludes the prompt: it is timed as generating max_gen_len + 1 tokens minus generating 1.
 """
 
@@ -30,13 +31,14 @@ SHAPES = {
              "vocab_size": -1},
     "7b": {"dim": 4096, "n_layers": 32, "n_heads": 32, "multiple_of": 256, "norm_eps": 1e-5, "vocab_size": -1},
 }
-VOCAB = 32000
+VOCAB = 32000  # of the named shapes' tokenizer
 PREFILL_LEN = 512
 PROMPT_LEN = 16
 
 
-def read_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
-    """Best bytes/s over a few read-only reductions of a buffer much larger than any cache."""
+def read_bandwidth(device: torch.device, nbytes: int = 1 << 28) -> float:
+    """Best bytes/s over a few read-only reductions of a buffer much larger than any cache (256 MB: small enough
+    that an engine's peak memory, measured after, is its model's)."""
     buf = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     best = 0.0
     for reduce in (torch.sum, torch.amax) * 3:
@@ -106,9 +108,11 @@ def run_ours(ckpt_dir, tokenizer_path, device, dtype, max_gen_len, **build_kwarg
     # Random weights may pick EOS; stop the generator from seeing one so every run takes all its steps.
     generator.tokenizer.eos_id = -2
 
+    vocab = generator.model.params.vocab_size
+
     def prefill():
         with torch.inference_mode():
-            generator.model.forward(torch.randint(3, VOCAB, (1, PREFILL_LEN), device=dev), 0)
+            generator.model.forward(torch.randint(3, vocab, (1, PREFILL_LEN), device=dev), 0)
 
     def generate(batch, n):
         prompts = [[1] + [3 + (7 * i + j) % 1000 for j in range(PROMPT_LEN - 1)] for i in range(batch)]
@@ -131,12 +135,14 @@ def run_hf(ckpt_dir, tokenizer_path, device, dtype, max_gen_len) -> dict:
     load_s = time.perf_counter() - start
     dev = model.device
 
+    vocab = model.config.vocab_size
+
     def prefill():
         with torch.inference_mode():
-            model(torch.randint(3, VOCAB, (1, PREFILL_LEN), device=dev))
+            model(torch.randint(3, vocab, (1, PREFILL_LEN), device=dev))
 
     def generate(batch, n):
-        ids = torch.randint(3, VOCAB, (batch, PROMPT_LEN), device=dev)
+        ids = torch.randint(3, vocab, (batch, PROMPT_LEN), device=dev)
         kwargs = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
         return lambda: model.generate(ids, **kwargs)
 
@@ -154,7 +160,9 @@ def engine(name: str, ckpt_dir: str, tokenizer_path: str, device: str, dtype: st
     dt = DTYPES[dtype]
     kwargs = build_kwargs if isinstance(build_kwargs, dict) else json.loads(build_kwargs)  # fire may pre-parse
     run = ENGINES[name]
+    bandwidth = read_bandwidth(torch.device(device))
     result = run(ckpt_dir, tokenizer_path, device, dtype if name == "ours" else dt, max_gen_len, **kwargs)
+    result["bandwidth_gb_s"] = bandwidth / 1e9
     print("RESULT " + json.dumps(result))
 
 
@@ -194,7 +202,11 @@ def main(
     weight_bytes = streamed_bytes(ckpt_dir, torch_dtype)
     ceiling = bandwidth / weight_bytes
 
-    rows = {name: (name, {}) for name in engines.split(",")}
+    names = engines.split(",") if isinstance(engines, str) else engines  # fire parses "ours,hf" as a tuple
+    unknown = sorted(set(names) - set(ENGINES))
+    if unknown:
+        raise ValueError(f"unknown engines {unknown}; choose from {sorted(ENGINES)}")
+    rows = {name: (name, {}) for name in names}
     variants = variants if isinstance(variants, dict) else json.loads(variants)  # fire may pre-parse JSON
     if quantize:
         variants = {f"ours {quantize}": {"quantize": quantize}, **variants}
@@ -211,15 +223,18 @@ def main(
         results[label] = json.loads(lines[-1][len("RESULT "):])
 
     print(f"\n{shape if ckpt_dir.startswith(work_dir) else ckpt_dir}, {dtype}, device {dev}, {threads} threads; "
-          f"read bandwidth {bandwidth / 1e9:.1f} GB/s; {weight_bytes / 1e9:.2f} GB of {dtype} weights streamed per "
-          f"token: ceiling {ceiling:.1f} tok/s at batch 1 (quantized rows: ceiling for their own bytes)")
-    print(f"{'engine':<14}{'load s':>7}{'1st gen s':>10}{'prefill tok/s':>14}{'GB/token':>9}{'ceiling':>8}{'decode b1':>10}"
-          f"{'% ceiling':>10}{'decode b8':>10}{'peak RSS GB':>12}")
+          f"read bandwidth {bandwidth / 1e9:.1f} GB/s at the start; {weight_bytes / 1e9:.2f} GB of {dtype} weights "
+          f"streamed per token: ceiling {ceiling:.1f} tok/s at batch 1. Each row's ceiling: its bytes per token at the "
+          "bandwidth measured in its own process")
+    print(f"{'engine':<14}{'load s':>7}{'1st gen s':>10}{'prefill tok/s':>14}{'GB/token':>9}{'GB/s':>6}{'ceiling':>8}"
+          f"{'decode b1':>10}{'% ceiling':>10}{'decode b8':>10}{'peak RSS GB':>12}")
     for label, r in results.items():
-        r["ceiling_tok_s"] = bandwidth / r.get("streamed_bytes", weight_bytes)
+        streamed = r.get("streamed_bytes", weight_bytes)
+        r["ceiling_tok_s"] = r["bandwidth_gb_s"] * 1e9 / streamed
         print(f"{label:<14}{r['load_s']:>7.1f}{r['first_generate_s']:>10.1f}{r['prefill_tok_s']:>14.1f}"
-              f"{r.get('streamed_bytes', weight_bytes) / 1e9:>9.2f}{r['ceiling_tok_s']:>8.1f}{r['decode_b1_tok_s']:>10.2f}"
-              f"{100 * r['decode_b1_tok_s'] / r['ceiling_tok_s']:>9.0f}%{r['decode_b8_tok_s']:>10.1f}{r['peak_rss_gb']:>12.2f}")
+              f"{streamed / 1e9:>9.2f}{r['bandwidth_gb_s']:>6.1f}{r['ceiling_tok_s']:>8.1f}{r['decode_b1_tok_s']:>10.2f}"
+              f"{100 * r['decode_b1_tok_s'] / r['ceiling_tok_s']:>9.0f}%{r['decode_b8_tok_s']:>10.1f}"
+              f"{r['peak_rss_gb']:>12.2f}")
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"shape": shape, "dtype": dtype, "device": str(dev), "threads": threads,

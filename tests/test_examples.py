@@ -1,5 +1,6 @@
 """The example CLIs and the tiny-checkpoint quick start, run as a user would."""
 
+import json
 import os
 import subprocess
 import sys
@@ -40,3 +41,18 @@ def test_chat_example_on_two_processes_prints_once(quickstart):
     assert out.count("==================================") == 6
     assert out.count("Loaded in") == 1
     assert "> Assistant: Error: special tags are not allowed as part of the prompt." in out
+
+
+def test_generation_benchmark_reports_every_figure(quickstart, tmp_path):
+    """benchmarks/bench_generate.py on a real --ckpt_dir, both engines: every row has its figures, each decode rate
+    below (or, as a machine drifts, near) its ceiling."""
+    out_json = tmp_path / "bench.json"
+    out = run([sys.executable, "benchmarks/bench_generate.py", "--ckpt_dir", str(quickstart / "gqa"),
+               "--tokenizer_path", str(quickstart / "tokenizer.model"), "--engines", "ours,hf", "--dtype", "fp32",
+               "--threads", "1", "--max_gen_len", "4", "--json_path", str(out_json)])
+    results = json.loads(out_json.read_text())["results"]
+    assert sorted(results) == ["hf", "ours"] and "% ceiling" in out
+    for row in results.values():
+        for key in ("load_s", "first_generate_s", "prefill_tok_s", "decode_b1_tok_s", "decode_b8_tok_s", "peak_rss_gb",
+                    "bandwidth_gb_s", "ceiling_tok_s"):
+            assert row[key] > 0, key
