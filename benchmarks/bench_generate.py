@@ -183,6 +183,10 @@ def main(
     """Benchmark a named random shape (134m, 1.1b, 7b) or a real --ckpt_dir. --quantize int8|int4 adds a row for
     that mode; `variants` maps more row names to Llama.build keyword arguments as JSON, e.g.
     '{"ours int4/64": {"quantize": "int4", "group_size": 64}}'."""
+    names = engines.split(",") if isinstance(engines, str) else engines  # fire parses "ours,hf" as a tuple
+    unknown = sorted(set(names) - set(ENGINES))
+    if unknown:
+        raise ValueError(f"unknown engines {unknown}; choose from {sorted(ENGINES)}")
     torch.set_num_threads(threads)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if ckpt_dir is None:
@@ -202,10 +206,6 @@ def main(
     weight_bytes = streamed_bytes(ckpt_dir, torch_dtype)
     ceiling = bandwidth / weight_bytes
 
-    names = engines.split(",") if isinstance(engines, str) else engines  # fire parses "ours,hf" as a tuple
-    unknown = sorted(set(names) - set(ENGINES))
-    if unknown:
-        raise ValueError(f"unknown engines {unknown}; choose from {sorted(ENGINES)}")
     rows = {name: (name, {}) for name in names}
     variants = variants if isinstance(variants, dict) else json.loads(variants)  # fire may pre-parse JSON
     if quantize:
