@@ -244,10 +244,12 @@ def decode_layers(layers: torch.nn.ModuleList, h: torch.Tensor, pos: int,
             return None
         _checked[layers] = checked = (key, (ctypes.c_void_p * len(pointers))(*pointers))
     out = h.contiguous().clone()  # the kernel updates it in place
-    library().llama_decode_layers(
+    status = library().llama_decode_layers(
         checked[1], len(layers), out.data_ptr(), torch.view_as_real(rotation).data_ptr(),
         int(h.dtype == torch.bfloat16), bsz, dim, first.n_local_heads, cache_shape[1], cache_shape[3],
         layers[0].feed_forward.split_sizes[0], cache_shape[2], pos, layers[0].attention_norm.eps)
+    if status != 0:
+        raise ValueError(f"cpu_kernels.decode_layers takes 1 to {max_rows()} sequences, got {bsz}")
     return out
 
 
