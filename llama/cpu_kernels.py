@@ -201,12 +201,12 @@ def layer_tensors(layer: torch.nn.Module) -> Optional[list]:
             child(cache, "v")]
 
 
-def fits_kernel(layer: torch.nn.Module, tensors: list, h: torch.Tensor, cache_shape: torch.Size) -> bool:
+def fits_kernel(tensors: list, h: torch.Tensor, cache_shape: torch.Size, n_heads: int, hidden: int) -> bool:
     """Whether a block's `layer_tensors` have the dtypes and shapes llama_decode_layers assumes for activations
-    h (B, 1, dim) and caches of cache_shape (B_max, H_kv, T_max, D): it reads and writes through raw pointers."""
+    h (B, 1, dim), caches of cache_shape (B_max, H_kv, T_max, D), n_heads query heads and an FFN of `hidden`
+    features (the same for every block): it reads and writes through raw pointers."""
     norms, linears, caches = tensors[0:6:5], (tensors[1:3], tensors[3:5], tensors[6:8], tensors[8:10]), tensors[10:]
-    dim, hidden = h.shape[-1], layer.feed_forward.split_sizes[0]
-    heads = layer.attention.n_local_heads * layer.attention.head_dim
+    dim, heads = h.shape[-1], n_heads * cache_shape[3]
     shapes = ((heads + 2 * cache_shape[1] * cache_shape[3], dim), (dim, heads), (2 * hidden, dim), (dim, hidden))
     for (weight, scales), shape in zip(linears, shapes):
         expected = (torch.bfloat16, None) if scales is None else (torch.int8, h.dtype)
@@ -230,6 +230,7 @@ def decode_layers(layers: torch.nn.ModuleList, h: torch.Tensor, pos: int,
         return None
     first = layers[0].attention
     cache_shape = first.cache.k.shape  # (B_max, H_kv, T_max, D)
+    n_heads, hidden, eps = first.n_local_heads, layers[0].feed_forward.split_sizes[0], layers[0].attention_norm.eps
     bsz, dim = h.shape[0], h.shape[-1]
     if h.shape[1] != 1 or not (0 <= pos < cache_shape[2] and 1 <= bsz <= min(cache_shape[0], max_rows())):
         return None
@@ -240,14 +241,15 @@ def decode_layers(layers: torch.nn.ModuleList, h: torch.Tensor, pos: int,
     key = (h.dtype, dim, cache_shape, *pointers)
     checked = _checked.get(layers)
     if checked is None or checked[0] != key:
-        if not all(fits_kernel(layer, tensors, h, cache_shape) for layer, tensors in zip(layers, per_layer)):
+        if not all(fits_kernel(tensors, h, cache_shape, n_heads, hidden) for tensors in per_layer) or any(
+                norm.eps != eps for layer in layers for norm in (layer.attention_norm, layer.ffn_norm)):
             return None
         _checked[layers] = checked = (key, (ctypes.c_void_p * len(pointers))(*pointers))
     out = h.contiguous().clone()  # the kernel updates it in place
     status = library().llama_decode_layers(
         checked[1], len(layers), out.data_ptr(), torch.view_as_real(rotation).data_ptr(),
-        int(h.dtype == torch.bfloat16), bsz, dim, first.n_local_heads, cache_shape[1], cache_shape[3],
-        layers[0].feed_forward.split_sizes[0], cache_shape[2], pos, layers[0].attention_norm.eps)
+        int(h.dtype == torch.bfloat16), bsz, dim, n_heads, cache_shape[1], cache_shape[3], hidden, cache_shape[2], pos,
+        eps)
     if status != 0:
         raise ValueError(f"cpu_kernels.decode_layers takes 1 to {max_rows()} sequences, got {bsz}")
     return out
