@@ -145,6 +145,27 @@ inline void dot_block(const Activations& a, const int8_t* w, long K, long k_end,
 
 template <typename T>
 constexpr long vector_width() { return std::is_same<T, int8_t>::value ? 32 : 16; }
+
+// a.q and a.scale from a.x (M, K) over its first k_end columns (a multiple of 32), as Activations describes.
+inline void round_to_int16(Activations& a, long M, long K, long k_end) {
+    a.blocks = (k_end + QBLOCK - 1) / QBLOCK;
+    a.q.resize(M * K);
+    a.scale.resize(M * a.blocks);
+    for (long m = 0; m < M; m++)
+        for (long b = 0; b < a.blocks; b++) {
+            const float* x = a.x.data() + m * K + b * QBLOCK;
+            int16_t* q = a.q.data() + m * K + b * QBLOCK;
+            const long len = std::min(QBLOCK, k_end - b * QBLOCK);
+            __m512 most = _mm512_setzero_ps();
+            for (long k = 0; k < len; k += 16) most = _mm512_max_ps(most, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+            const float largest = _mm512_reduce_max_ps(most);
+            a.scale[m * a.blocks + b] = largest / 32767.0f;
+            const __m512 inverse = _mm512_set1_ps(largest > 0 ? 32767.0f / largest : 0.0f);
+            for (long k = 0; k < len; k += 16)  // to nearest, ties to even
+                _mm256_storeu_si256((__m256i*)(q + k),
+                                    _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k), inverse))));
+        }
+}
 #else
 constexpr bool INT16_ACTIVATIONS = false;
 
@@ -164,6 +185,8 @@ inline void dot_block(const Activations& a, const T* w, long K, long k_end, long
 
 template <typename T>
 constexpr long vector_width() { return 1; }
+
+inline void round_to_int16(Activations&, long, long, long) {}  // portable builds keep fp32 activations
 #endif
 
 // Whether int8 weights meet int16 activations (else every weight is widened to fp32).
@@ -209,28 +232,17 @@ void matmul_rows(const Activations& a, const T* w, const void* scales, void* y, 
 template <typename T>
 void convert_activations(const void* x, bool act_bf16, long M, long K, Activations& a) {
     a.x.resize(M * K);
-    for (long i = 0; i < M * K; i++) a.x[i] = load_act(x, act_bf16, i);
-    if (!int16_activations<T>()) return;
-    const long k_end = K - K % vector_width<T>();
-    a.blocks = (k_end + QBLOCK - 1) / QBLOCK;
-    a.q.resize(M * K);
-    a.scale.resize(M * a.blocks);
-    for (long m = 0; m < M; m++)
-        for (long b = 0; b < a.blocks; b++) {
-            const float* xb = a.x.data() + m * K + b * QBLOCK;
-            const long len = std::min(QBLOCK, k_end - b * QBLOCK);
-            float largest = 0;
-            for (long k = 0; k < len; k++) largest = std::max(largest, std::fabs(xb[k]));
-            const float inverse = largest > 0 ? 32767.0f / largest : 0.0f;
-            a.scale[m * a.blocks + b] = largest / 32767.0f;
-            for (long k = 0; k < len; k++) a.q[m * K + b * QBLOCK + k] = int16_t(std::lrintf(xb[k] * inverse));
-        }
+    if (act_bf16)
+        for (long i = 0; i < M * K; i++) a.x[i] = bf16_to_float(static_cast<const uint16_t*>(x)[i]);
+    else
+        std::memcpy(a.x.data(), x, M * K * sizeof(float));
+    if (int16_activations<T>()) round_to_int16(a, M, K, K - K % vector_width<T>());
 }
 
 template <typename T>
 int matmul(const void* x, const T* w, const void* scales, void* y, int act_bf16, long M, long N, long K) {
     if (M < 1 || M > MAX_ROWS) return 1;
-    Activations a;
+    thread_local Activations a;  // kept between calls: allocating and zeroing it each time costs as much as filling it
     convert_activations<T>(x, act_bf16, M, K, a);
     switch (M) {
         case 1: matmul_rows<1, T>(a, w, scales, y, act_bf16, N, K); break;
@@ -249,6 +261,32 @@ int matmul(const void* x, const T* w, const void* scales, void* y, int act_bf16,
 int linear(const void* x, const void* w, const void* scales, void* y, int act_bf16, long M, long N, long K) {
     return scales == nullptr ? matmul(x, static_cast<const uint16_t*>(w), nullptr, y, act_bf16, M, N, K)
                              : matmul(x, static_cast<const int8_t*>(w), scales, y, act_bf16, M, N, K);
+}
+
+inline float to_float(uint16_t v) { return bf16_to_float(v); }
+inline float to_float(float v) { return v; }
+
+// One query head's attention: query (D,) fp32 over keys and values (pos + 1, D) in the activation dtype A, softmax of
+// query . key / sqrt(D) -> out (D,) fp32; scores holds pos + 1 floats. The loops over D are vector loops.
+template <typename A>
+void attend(const float* query, const A* keys, const A* values, long pos, long D, float* scores, float* out) {
+    const float scale = 1.0f / std::sqrt(float(D));
+    float best = -INFINITY;
+    for (long t = 0; t <= pos; t++) {
+        float dot = 0;
+#pragma omp simd reduction(+ : dot)
+        for (long d = 0; d < D; d++) dot += query[d] * to_float(keys[t * D + d]);
+        scores[t] = dot * scale;
+        best = std::max(best, scores[t]);
+    }
+    float total = 0;
+    for (long t = 0; t <= pos; t++) total += scores[t] = std::exp(scores[t] - best);
+    std::fill(out, out + D, 0.0f);
+    for (long t = 0; t <= pos; t++) {
+        const float p = scores[t] / total;
+#pragma omp simd
+        for (long d = 0; d < D; d++) out[d] += p * to_float(values[t * D + d]);
+    }
 }
 
 }  // namespace
@@ -292,7 +330,6 @@ void llama_rms_norm(const void* x, const void* weight, void* y, int act_bf16, lo
 void llama_decode_attention(const void* qkv, void* cache_k, void* cache_v, const float* rotation, void* out,
                             int act_bf16, long B, long H, long H_kv, long D, long T_max, long pos) {
     const long row = (H + 2 * H_kv) * D, group = H / H_kv;
-    const float scale = 1.0f / std::sqrt(float(D));
     auto rotated = [&](long offset, long d) {  // element d of the rotated head at qkv[offset..], rounded
         const float a = load_act(qkv, act_bf16, offset + (d & ~1L)), b = load_act(qkv, act_bf16, offset + (d | 1L));
         const float c = rotation[d & ~1L], s = rotation[d | 1L];
@@ -307,26 +344,22 @@ void llama_decode_attention(const void* qkv, void* cache_k, void* cache_v, const
                 store_act(cache_v, act_bf16, slot + d, load_act(qkv, act_bf16, b * row + (H + H_kv + h) * D + d));
             }
         }
-#pragma omp parallel for schedule(static) if (B * H * (pos + 1) * D >= (1 << 15))
-    for (long bh = 0; bh < B * H; bh++) {
-        const long b = bh / H, h = bh % H;
-        const long first = (b * H_kv + h / group) * T_max * D;  // position 0 of this head's KV head
-        std::vector<float> query(D), scores(pos + 1), acc(D, 0.0f);
-        for (long d = 0; d < D; d++) query[d] = rotated(b * row + h * D, d);
-        float best = -INFINITY;
-        for (long t = 0; t <= pos; t++) {
-            float dot = 0;
-            for (long d = 0; d < D; d++) dot += query[d] * load_act(cache_k, act_bf16, first + t * D + d);
-            scores[t] = dot * scale;
-            best = std::max(best, scores[t]);
+#pragma omp parallel if (B * H * (pos + 1) * D >= (1 << 15))
+    {
+        std::vector<float> query(D), scores(pos + 1), acc(D);
+#pragma omp for schedule(static)
+        for (long bh = 0; bh < B * H; bh++) {
+            const long b = bh / H, h = bh % H;
+            const long first = (b * H_kv + h / group) * T_max * D;  // position 0 of this head's KV head
+            for (long d = 0; d < D; d++) query[d] = rotated(b * row + h * D, d);
+            if (act_bf16)
+                attend(query.data(), static_cast<const uint16_t*>(cache_k) + first,
+                       static_cast<const uint16_t*>(cache_v) + first, pos, D, scores.data(), acc.data());
+            else
+                attend(query.data(), static_cast<const float*>(cache_k) + first, static_cast<const float*>(cache_v) + first,
+                       pos, D, scores.data(), acc.data());
+            for (long d = 0; d < D; d++) store_act(out, act_bf16, bh * D + d, acc[d]);
         }
-        float total = 0;
-        for (long t = 0; t <= pos; t++) total += scores[t] = std::exp(scores[t] - best);
-        for (long t = 0; t <= pos; t++) {
-            const float p = scores[t] / total;
-            for (long d = 0; d < D; d++) acc[d] += p * load_act(cache_v, act_bf16, first + t * D + d);
-        }
-        for (long d = 0; d < D; d++) store_act(out, act_bf16, bh * D + d, acc[d]);
     }
 }
 

@@ -160,7 +160,9 @@ def int8_linear(layer: nn.Module, world_size: int, q: torch.Tensor, scales: torc
                 scratch: Scratch) -> ParallelLinear:
     """The int8 linear for q's device: our streaming kernel on the CPU where it builds, else PyTorch's kernels."""
     if q.device.type == "cpu" and cpu_kernels.available():
-        return CpuLinear(layer, world_size, q, scales, scratch)
+        # Huge pages made int8 decoding ~9% faster (1.1B shape; bf16 weights gained nothing). q is always a fresh
+        # tensor (quantized here, or joined from a file's parts), so moving it costs no memory.
+        return CpuLinear(layer, world_size, cpu_kernels.huge_page_copy(q), scales, scratch)
     return Int8Linear(layer, world_size, q, scales)
 
 

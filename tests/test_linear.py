@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from llama import cpu_kernels
 from llama.checkpoint import load_shard
-from llama.linear import CpuLinear, Scratch, quantize_int8
+from llama.linear import CpuLinear, Scratch, int8_linear, quantize_int8
 from llama.model import apply_rotary, attend_one_position, column_parallel, rotary_angles, row_parallel
 
 needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler for cpu_kernels")
@@ -127,6 +127,39 @@ def test_cpu_linear_matches_f_linear(rows, native_bf16, quantized, monkeypatch):
     # final rounding to bf16 differs. With native bf16 math the GEMM runs in bf16 from a weight rounded to bf16.
     bf16_gemm = rows * 2 > 8 and native_bf16
     torch.testing.assert_close(out.float(), reference, rtol=2**-7, atol=(2**-5 if bf16_gemm else 2**-7) * 4)
+
+
+def anon_huge_kib(address: int) -> int:
+    """AnonHugePages of the mapping of this process that holds `address`, in KiB (Linux's /proc/self/smaps)."""
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line: start-end perms offset dev inode
+                start, end = (int(a, 16) for a in fields[0].split("-"))
+                inside = start <= address < end
+            elif inside and fields[0] == "AnonHugePages:":
+                return int(fields[1])
+    raise ValueError(f"no mapping holds {address:#x}")
+
+
+@needs_kernels
+def test_int8_kernel_weights_move_to_huge_pages():
+    gen = torch.Generator().manual_seed(0)
+    q, scales = quantize_int8(torch.randn(1024, 4096, generator=gen))  # 4 MiB of int8: two huge pages
+    linear = int8_linear(layer_with(q), 1, q, scales.bfloat16(), Scratch())
+    assert torch.equal(linear.weight, q) and linear.weight.is_contiguous()
+    small = torch.zeros(10)
+    assert cpu_kernels.huge_page_copy(small) is small  # under one huge page: left where it is
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            thp = f.read()
+    except OSError:
+        pytest.skip("no transparent huge pages on this system")
+    if "[never]" in thp:
+        pytest.skip("transparent huge pages are disabled")
+    assert linear.weight.data_ptr() % cpu_kernels.HUGE_PAGE == 0
+    assert anon_huge_kib(linear.weight.data_ptr()) >= 4096
 
 
 @needs_kernels
