@@ -8,6 +8,7 @@ A `Checkpoint` indexes which file holds which rows of each full tensor; Meta's s
 
 import collections
 import contextlib
+import ctypes
 import hashlib
 import json
 import math
@@ -342,6 +343,17 @@ def _read_chunk(source: Checkpoint, file: str, jobs: list, targets: dict, state:
     if copied:  # a view would keep the mapping resident, with the pages read for the copies
         for key in kept_views:
             state[key] = state[key].clone()
+
+
+def release_freed_host_memory() -> None:
+    """Hand host memory that loading freed back to the OS. glibc keeps freed blocks of up to 32 MiB in its heap, so
+    the temporaries of converting weights one by one stayed resident (0.4-0.5 GB after an int8 build of the 1.1B
+    shape, ~30% of it); malloc_trim returns them. Does nothing where the C library has no malloc_trim."""
+    try:
+        malloc_trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError, TypeError):  # not glibc (macOS, musl), or no process handle (Windows)
+        return
+    malloc_trim(0)
 
 
 @contextlib.contextmanager

@@ -186,13 +186,12 @@ def huge_page_copy(t: torch.Tensor) -> torch.Tensor:
     if t.nbytes < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
         return t
     region = mmap.mmap(-1, t.nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    try:
-        region.madvise(mmap.MADV_HUGEPAGE)  # before any page is touched: the copy then faults in huge pages
-    except OSError:  # a kernel without transparent huge pages
-        region.close()
-        return t
     memory = torch.frombuffer(region, dtype=torch.uint8)  # keeps the mapping alive as long as the tensor
     start = -memory.data_ptr() % HUGE_PAGE  # the first huge-page boundary
+    try:  # whole huge pages only, and before they are touched: the copy then faults them in as huge pages
+        region.madvise(mmap.MADV_HUGEPAGE, start, t.nbytes // HUGE_PAGE * HUGE_PAGE)
+    except OSError:  # a kernel without transparent huge pages
+        return t
     return memory[start : start + t.nbytes].view(t.dtype).view(t.shape).copy_(t)
 
 
