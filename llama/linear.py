@@ -15,7 +15,8 @@ from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_regi
 from torch import nn
 
 from llama import cpu_kernels
-from llama.checkpoint import QUANTIZATION_FILE, SPLIT_DIM, find_shards, load_shard, module_name
+from llama.checkpoint import (QUANTIZATION_FILE, SPLIT_DIM, find_shards, load_shard, module_name,
+                              release_freed_host_memory)
 from llama.model import FUSED_PROJECTIONS
 
 
@@ -115,9 +116,9 @@ class CpuLinear(ParallelLinear):
 
 def quantize_int8(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel int8: weight (N, K) ~= q (N, K) int8 * scales (N,) fp32."""
-    w = weight.float()
-    scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127
-    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    w = weight.to(torch.float32, copy=True)  # the one full-size temporary: the steps below work in place on it
+    scales = torch.maximum(w.amax(dim=1), -w.amin(dim=1)).clamp(min=1e-8) / 127
+    q = w.div_(scales[:, None]).round_().clamp_(-127, 127).to(torch.int8)
     return q, scales
 
 
@@ -277,6 +278,7 @@ def place_weights(model: nn.Module, device: torch.device, dtype: torch.dtype,
             replacement = make_linear(name, module)
             del module
             setattr(model.get_submodule(parent_name), child_name, replacement)
+            release_freed_host_memory()  # the conversion's temporaries, before the next layer's pile up in the heap
             continue
         for param_name, param in list(module.named_parameters(recurse=False)):
             setattr(module, param_name, nn.Parameter(param.detach().to(device, dtype), requires_grad=False))

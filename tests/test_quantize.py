@@ -38,7 +38,9 @@ def layer_with(weight):
 def test_int8_round_trip_is_within_half_a_step():
     w = torch.randn(48, 96, generator=torch.Generator().manual_seed(0))
     q, scales = quantize_int8(w)
+    assert torch.equal(w, torch.randn(48, 96, generator=torch.Generator().manual_seed(0)))  # input left as it was
     assert q.dtype == torch.int8 and scales.shape == (48,)
+    assert (q.abs().amax(dim=1) == 127).all()  # each row's largest weight is +-127 steps
     assert ((q.float() * scales[:, None] - w).abs() <= scales[:, None] / 2 + 1e-6).all()
 
 
