@@ -9,8 +9,7 @@ import torch.nn.functional as F
 
 from llama import runtime
 from llama.chat import UNSAFE_ERROR, Dialog, Message, encode_dialog, has_special_tags, validate_dialog
-from llama.checkpoint import (load_rank_state_dict, module_name, no_fairscale_init, open_checkpoint, read_params,
-                              release_freed_host_memory)
+from llama.checkpoint import load_rank_state_dict, module_name, no_fairscale_init, open_checkpoint, read_params
 from llama.linear import LINEAR_MODULES, linear_factory, load_prequantized, place_weights, read_quantization
 from llama.model import ModelArgs, Transformer, fuse_projection_keys
 from llama.tokenizer import Tokenizer
@@ -141,7 +140,6 @@ class Llama:
             )
         del state
         place_weights(model, rt.device, rt.dtype, make_linear)
-        release_freed_host_memory()
         model.setup_caches(max_batch_size, max_seq_len)
         model.eval()
         runtime.print_rank0(f"Loaded in {time.perf_counter() - start:.2f} seconds")

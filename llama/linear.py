@@ -282,6 +282,7 @@ def place_weights(model: nn.Module, device: torch.device, dtype: torch.dtype,
             continue
         for param_name, param in list(module.named_parameters(recurse=False)):
             setattr(module, param_name, nn.Parameter(param.detach().to(device, dtype), requires_grad=False))
+    release_freed_host_memory()  # and what converting the other tensors freed
 
 
 # Pre-quantized checkpoints: Meta's layout (consolidated.NN.pth, params.json) with every linear stored quantized,

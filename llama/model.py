@@ -326,9 +326,8 @@ class Transformer(nn.Module):
         rotation = rotary_angles(positions, self.params.head_dim, self.params.rope_theta)
         # A decode step on one CPU process runs all blocks in one kernel call, when their weights are the kernels'
         # (see cpu_kernels.decode_layers): the same ops, without the Python around each of them.
-        fused = None
-        if seqlen == 1 and isinstance(start_pos, int) and cpu_kernels.usable(h):
-            fused = cpu_kernels.decode_layers(self.layers, h, start_pos, rotation)
+        one_call = seqlen == 1 and isinstance(start_pos, int) and cpu_kernels.usable(h)
+        fused = cpu_kernels.decode_layers(self.layers, h, start_pos, rotation) if one_call else None
         if fused is not None:
             h = fused
         else:
