@@ -72,16 +72,18 @@ def test_kernel_matches_fp32_matmul(act_dtype, in_features):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_rms_norm_and_decode_attention_kernels_match_torch(dtype):
+# head sizes with vector code (16, 64: 16 positions scored at a time, so pos 37 ends in a partial block) and without
+@pytest.mark.parametrize("head_dim, pos", [(16, 6), (64, 37), (24, 6)])
+def test_rms_norm_and_decode_attention_kernels_match_torch(dtype, head_dim, pos):
     gen = torch.Generator().manual_seed(2)
     x, weight = torch.randn(3, 5, 80, generator=gen).to(dtype), torch.rand(80, generator=gen).to(dtype)
     reference = F.rms_norm(x.float(), (80,), weight.float(), eps=1e-5)
     tol = dict(rtol=2**-7, atol=2**-7) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cpu_kernels.rms_norm(x, weight, 1e-5).float(), reference, **tol)
 
-    # batch 2 at position 6 of an 8-slot cache, 4 query heads sharing 2 KV heads of size 16
-    n_heads, n_kv_heads, head_dim, pos = 4, 2, 16, 6
-    cache_k, cache_v = (torch.randn(3, n_kv_heads, 8, head_dim, generator=gen).to(dtype) for _ in range(2))
+    # batch 2 at `pos` of a cache with 2 more slots, 4 query heads sharing 2 KV heads
+    n_heads, n_kv_heads, slots = 4, 2, pos + 2
+    cache_k, cache_v = (torch.randn(3, n_kv_heads, slots, head_dim, generator=gen).to(dtype) for _ in range(2))
     qkv = torch.randn(2, 1, (n_heads + 2 * n_kv_heads) * head_dim, generator=gen).to(dtype)
     rotation = rotary_angles(torch.tensor([pos]), head_dim, 10000.0)
     q, k, v = qkv.view(2, 1, -1, head_dim).split([n_heads, n_kv_heads, n_kv_heads], dim=2)
@@ -93,8 +95,26 @@ def test_rms_norm_and_decode_attention_kernels_match_torch(dtype):
     torch.testing.assert_close(cache_k, ref_k, **tol)  # rotated k and v written at pos, rounded as torch rounds
     torch.testing.assert_close(cache_v, ref_v, rtol=0, atol=0)
     torch.testing.assert_close(out.float(), expected.transpose(1, 2).reshape(2, 1, -1).float(), **tol)
-    with pytest.raises(ValueError, match="position 8 .* does not fit caches"):  # past the cache: refused, not written
-        cpu_kernels.decode_attention(qkv, cache_k, cache_v, rotation, 8, n_heads, n_kv_heads)
+    with pytest.raises(ValueError, match=f"position {slots} .* does not fit caches"):  # refused, not written
+        cpu_kernels.decode_attention(qkv, cache_k, cache_v, rotation, slots, n_heads, n_kv_heads)
+
+
+@needs_kernels
+def test_decode_attention_softmax_is_accurate_to_fp32():
+    """Integer queries and keys make the scores q.k / 8 exact, and v_t = e_(t mod 64) makes each output a sum of
+    softmax probabilities: what remains is the error of exp and of the sums, a few ulp (an exp 1e-5 off fails)."""
+    gen = torch.Generator().manual_seed(0)
+    n_heads, n_kv_heads, head_dim, pos = 4, 2, 64, 150
+    cache_k = torch.randint(-3, 4, (1, n_kv_heads, pos + 1, head_dim), generator=gen).float()
+    cache_v = torch.eye(head_dim).repeat(1, n_kv_heads, 3, 1)[:, :, : pos + 1].contiguous()
+    qkv = torch.randint(-3, 4, (1, 1, (n_heads + 2 * n_kv_heads) * head_dim), generator=gen).float()
+    qkv[..., n_heads * head_dim:] = torch.cat([cache_k[0, :, pos].flatten(), cache_v[0, :, pos].flatten()])
+    no_rotation = rotary_angles(torch.tensor([0]), head_dim, 10000.0)  # keeps q and k exact
+    out = cpu_kernels.decode_attention(qkv, cache_k, cache_v, no_rotation, pos, n_heads, n_kv_heads)
+    q = qkv[0, 0, : n_heads * head_dim].view(n_kv_heads, n_heads // n_kv_heads, head_dim).double()
+    probabilities = torch.softmax(q @ cache_k[0].double().transpose(-1, -2) / 8, dim=-1)
+    expected = (probabilities @ cache_v[0].double()).reshape(1, 1, -1)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-30)
 
 
 @needs_kernels
