@@ -8,8 +8,10 @@
 //   (vpdpwssd): a third of the instructions of widening every weight to fp32. The rounding is at most 2^-16 of the
 //   block's largest activation, far below the int8 weights' own (2^-8 of the row's largest weight).
 // - RMSNorm and a decode step's attention, which PyTorch spreads over a dozen ops whose dispatch costs more than the
-//   arithmetic. On AVX-512, attention scores 16 positions per pass and takes exp in vectors, 5x faster at position
-//   1000 than a reduction and an expf per score: a 1.1B int8 decode step at position 2000 takes 63 ms, not 78.
+//   arithmetic. Attention runs the query heads that share a KV head together, so each reads the cache once; on
+//   AVX-512 it scores 16 positions per pass and takes exp in vectors. At position 1000 of the 1.1B shape that is
+//   ~10x faster than a reduction and an expf per score and head: a 1.1B int8 decode step at position 2000 takes
+//   61 ms, not 82.
 // - A whole decode step through all Transformer blocks in one call, on one process: the Python around each of
 //   these ops costs as much as the ops themselves for small models.
 //
@@ -24,6 +26,9 @@
 #include <type_traits>
 #include <vector>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #define LLAMA_AVX512 1
@@ -58,6 +63,14 @@ inline void store_act(void* p, bool act_bf16, long i, float v) {
         static_cast<uint16_t*>(p)[i] = float_to_bf16(v);
     else
         static_cast<float*>(p)[i] = v;
+}
+
+inline long max_threads() {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
 }
 
 inline float widen(uint16_t w) { return bf16_to_float(w); }
@@ -299,74 +312,99 @@ inline __m512 sum_lanes16(const __m512 v[16]) {
     return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15), sums);
 }
 
-// attend() for D = 16 CHUNKS: scores for 16 positions at a time, exp in vectors, the query and the weighted sums of
-// values in registers.
+// attend() for D = 16 CHUNKS. The cache is read 16 positions at a time into a block of fp32 rows that stays in L1
+// while each of the heads uses it, so heads sharing a KV head read it from L2 or memory once, not once each. Scores
+// for a block's 16 positions come out of one transpose (sum_lanes16) and exp runs in vectors.
 template <long CHUNKS, typename A>
-void attend_vectors(const float* query, const A* keys, const A* values, long pos, float* scores, float* out) {
+void attend_vectors(const float* queries, long heads, const A* keys, const A* values, long pos, float* scores,
+                    float* out) {
     constexpr long D = 16 * CHUNKS;
-    __m512 q[CHUNKS];
-    for (long c = 0; c < CHUNKS; c++) q[c] = _mm512_mul_ps(_mm512_loadu_ps(query + 16 * c), _mm512_set1_ps(1.0f / std::sqrt(float(D))));
-    __m512 best = _mm512_set1_ps(-INFINITY);
-    for (long t0 = 0; t0 <= pos; t0 += 16) {
-        __m512 dots[16];
-        for (long j = 0; j < 16; j++) {  // rows past pos repeat row pos, and are masked off below
-            const A* key = keys + std::min(t0 + j, pos) * D;
-            dots[j] = _mm512_mul_ps(q[0], load16(key));
-            for (long c = 1; c < CHUNKS; c++) dots[j] = _mm512_fmadd_ps(q[c], load16(key + 16 * c), dots[j]);
+    const long length = pos + 1;
+    alignas(64) float block[16 * D];
+    auto load_block = [&](const A* rows, long t0) {  // rows past pos repeat row pos; their results are masked off
+        for (long j = 0; j < 16; j++)
+            for (long c = 0; c < CHUNKS; c++)
+                _mm512_store_ps(block + j * D + 16 * c, load16(rows + std::min(t0 + j, pos) * D + 16 * c));
+    };
+    auto valid = [&](long t0) { return __mmask16((1u << std::min(16L, length - t0)) - 1); };
+    const __m512 scale = _mm512_set1_ps(1.0f / std::sqrt(float(D)));
+    for (long t0 = 0; t0 < length; t0 += 16) {
+        load_block(keys, t0);
+        for (long h = 0; h < heads; h++) {
+            __m512 dots[16];
+            for (long j = 0; j < 16; j++) {
+                dots[j] = _mm512_mul_ps(_mm512_loadu_ps(queries + h * D), _mm512_load_ps(block + j * D));
+                for (long c = 1; c < CHUNKS; c++)
+                    dots[j] = _mm512_fmadd_ps(_mm512_loadu_ps(queries + h * D + 16 * c), _mm512_load_ps(block + j * D + 16 * c), dots[j]);
+            }
+            _mm512_mask_storeu_ps(scores + h * length + t0, valid(t0), _mm512_mul_ps(sum_lanes16(dots), scale));
         }
-        const __mmask16 valid = __mmask16((1u << std::min(16L, pos + 1 - t0)) - 1);
-        const __m512 s = sum_lanes16(dots);
-        _mm512_mask_storeu_ps(scores + t0, valid, s);
-        best = _mm512_mask_max_ps(best, valid, best, s);
     }
-    const __m512 largest = _mm512_set1_ps(_mm512_reduce_max_ps(best));
-    __m512 total = _mm512_setzero_ps();
-    for (long t0 = 0; t0 <= pos; t0 += 16) {
-        const __mmask16 valid = __mmask16((1u << std::min(16L, pos + 1 - t0)) - 1);
-        const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, scores + t0), largest));
-        _mm512_mask_storeu_ps(scores + t0, valid, e);
-        total = _mm512_add_ps(total, _mm512_maskz_mov_ps(valid, e));
+    for (long h = 0; h < heads; h++) {  // scores -> e^(score - largest), out -> 0
+        float* row = scores + h * length;
+        __m512 best = _mm512_set1_ps(-INFINITY);
+        for (long t0 = 0; t0 < length; t0 += 16) best = _mm512_max_ps(best, _mm512_mask_loadu_ps(best, valid(t0), row + t0));
+        const __m512 largest = _mm512_set1_ps(_mm512_reduce_max_ps(best));
+        for (long t0 = 0; t0 < length; t0 += 16)
+            _mm512_mask_storeu_ps(row + t0, valid(t0), exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid(t0), row + t0), largest)));
+        std::fill(out + h * D, out + (h + 1) * D, 0.0f);
     }
-    __m512 even[CHUNKS], odd[CHUNKS];  // even and odd positions: two chains of additions per vector, not one
-    for (long c = 0; c < CHUNKS; c++) even[c] = odd[c] = _mm512_setzero_ps();
-    for (long t = 0; t <= pos; t++) {
-        const __m512 p = _mm512_set1_ps(scores[t]);
-        __m512* sums = t % 2 ? odd : even;
-        for (long c = 0; c < CHUNKS; c++) sums[c] = _mm512_fmadd_ps(p, load16(values + t * D + 16 * c), sums[c]);
+    for (long t0 = 0; t0 < length; t0 += 16) {
+        load_block(values, t0);
+        const long n = std::min(16L, length - t0);
+        for (long h = 0; h < heads; h++) {
+            __m512 sums[CHUNKS];
+            for (long c = 0; c < CHUNKS; c++) sums[c] = _mm512_loadu_ps(out + h * D + 16 * c);
+            for (long j = 0; j < n; j++) {
+                const __m512 p = _mm512_set1_ps(scores[h * length + t0 + j]);
+                for (long c = 0; c < CHUNKS; c++) sums[c] = _mm512_fmadd_ps(p, _mm512_load_ps(block + j * D + 16 * c), sums[c]);
+            }
+            for (long c = 0; c < CHUNKS; c++) _mm512_storeu_ps(out + h * D + 16 * c, sums[c]);
+        }
     }
-    const __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
-    for (long c = 0; c < CHUNKS; c++) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(_mm512_add_ps(even[c], odd[c]), inverse));
+    for (long h = 0; h < heads; h++) {  // divided by the softmax's total
+        __m512 total = _mm512_setzero_ps();
+        for (long t0 = 0; t0 < length; t0 += 16) total = _mm512_add_ps(total, _mm512_maskz_loadu_ps(valid(t0), scores + h * length + t0));
+        const __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
+        for (long c = 0; c < CHUNKS; c++) _mm512_storeu_ps(out + h * D + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(out + h * D + 16 * c), inverse));
+    }
 }
 #endif
 
-// One query head's attention: query (D,) fp32 over keys and values (pos + 1, D) in the activation dtype A, softmax of
-// query . key / sqrt(D) -> out (D,) fp32; scores holds pos + 1 floats. The loops over D are vector loops.
+// Attention of `heads` query heads that share one KV head: queries (heads, D) fp32 over keys and values (pos + 1, D)
+// in the activation dtype A, softmax of query . key / sqrt(D) -> out (heads, D) fp32; scores holds heads (pos + 1)
+// floats.
 template <typename A>
-void attend(const float* query, const A* keys, const A* values, long pos, long D, float* scores, float* out) {
+void attend(const float* queries, long heads, const A* keys, const A* values, long pos, long D, float* scores,
+            float* out) {
 #ifdef LLAMA_AVX512
     switch (D) {  // the head sizes of Llama 2 (128), TinyLlama (64) and smaller test models
-        case 16: return attend_vectors<1>(query, keys, values, pos, scores, out);
-        case 32: return attend_vectors<2>(query, keys, values, pos, scores, out);
-        case 64: return attend_vectors<4>(query, keys, values, pos, scores, out);
-        case 128: return attend_vectors<8>(query, keys, values, pos, scores, out);
+        case 16: return attend_vectors<1>(queries, heads, keys, values, pos, scores, out);
+        case 32: return attend_vectors<2>(queries, heads, keys, values, pos, scores, out);
+        case 64: return attend_vectors<4>(queries, heads, keys, values, pos, scores, out);
+        case 128: return attend_vectors<8>(queries, heads, keys, values, pos, scores, out);
     }
 #endif
     const float scale = 1.0f / std::sqrt(float(D));
-    float best = -INFINITY;
-    for (long t = 0; t <= pos; t++) {
-        float dot = 0;
+    for (long h = 0; h < heads; h++) {  // head by head, with vector loops over D
+        const float* query = queries + h * D;
+        float* head_out = out + h * D;
+        float best = -INFINITY;
+        for (long t = 0; t <= pos; t++) {
+            float dot = 0;
 #pragma omp simd reduction(+ : dot)
-        for (long d = 0; d < D; d++) dot += query[d] * to_float(keys[t * D + d]);
-        scores[t] = dot * scale;
-        best = std::max(best, scores[t]);
-    }
-    float total = 0;
-    for (long t = 0; t <= pos; t++) total += scores[t] = std::exp(scores[t] - best);
-    std::fill(out, out + D, 0.0f);
-    for (long t = 0; t <= pos; t++) {
-        const float p = scores[t] / total;
+            for (long d = 0; d < D; d++) dot += query[d] * to_float(keys[t * D + d]);
+            scores[t] = dot * scale;
+            best = std::max(best, scores[t]);
+        }
+        float total = 0;
+        for (long t = 0; t <= pos; t++) total += scores[t] = std::exp(scores[t] - best);
+        std::fill(head_out, head_out + D, 0.0f);
+        for (long t = 0; t <= pos; t++) {
+            const float p = scores[t] / total;
 #pragma omp simd
-        for (long d = 0; d < D; d++) out[d] += p * to_float(values[t * D + d]);
+            for (long d = 0; d < D; d++) head_out[d] += p * to_float(values[t * D + d]);
+        }
     }
 }
 
@@ -425,21 +463,25 @@ void llama_decode_attention(const void* qkv, void* cache_k, void* cache_v, const
                 store_act(cache_v, act_bf16, slot + d, load_act(qkv, act_bf16, b * row + (H + H_kv + h) * D + d));
             }
         }
+    // Work items: the query heads of one sequence's KV head, split in `parts` so that every thread has some.
+    const long parts = std::min(group, std::max(1L, (max_threads() + B * H_kv - 1) / (B * H_kv)));
 #pragma omp parallel if (B * H * (pos + 1) * D >= (1 << 15))
     {
-        std::vector<float> query(D), scores(pos + 1), acc(D);
+        std::vector<float> queries(group * D), scores(group * (pos + 1)), acc(group * D);
 #pragma omp for schedule(static)
-        for (long bh = 0; bh < B * H; bh++) {
-            const long b = bh / H, h = bh % H;
-            const long first = (b * H_kv + h / group) * T_max * D;  // position 0 of this head's KV head
-            for (long d = 0; d < D; d++) query[d] = rotated(b * row + h * D, d);
+        for (long item = 0; item < B * H_kv * parts; item++) {
+            const long b = item / (H_kv * parts), kv = item / parts % H_kv, part = item % parts;
+            const long h0 = kv * group + part * group / parts, heads = kv * group + (part + 1) * group / parts - h0;
+            const long first = (b * H_kv + kv) * T_max * D;  // position 0 of this KV head
+            for (long h = 0; h < heads; h++)
+                for (long d = 0; d < D; d++) queries[h * D + d] = rotated(b * row + (h0 + h) * D, d);
             if (act_bf16)
-                attend(query.data(), static_cast<const uint16_t*>(cache_k) + first,
+                attend(queries.data(), heads, static_cast<const uint16_t*>(cache_k) + first,
                        static_cast<const uint16_t*>(cache_v) + first, pos, D, scores.data(), acc.data());
             else
-                attend(query.data(), static_cast<const float*>(cache_k) + first, static_cast<const float*>(cache_v) + first,
-                       pos, D, scores.data(), acc.data());
-            for (long d = 0; d < D; d++) store_act(out, act_bf16, bh * D + d, acc[d]);
+                attend(queries.data(), heads, static_cast<const float*>(cache_k) + first,
+                       static_cast<const float*>(cache_v) + first, pos, D, scores.data(), acc.data());
+            for (long i = 0; i < heads * D; i++) store_act(out, act_bf16, (b * H + h0) * D + i, acc[i]);
         }
     }
 }

@@ -73,28 +73,30 @@ def test_kernel_matches_fp32_matmul(act_dtype, in_features):
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 # head sizes with vector code (16, 64: 16 positions scored at a time, so pos 37 ends in a partial block) and without
-@pytest.mark.parametrize("head_dim, pos", [(16, 6), (64, 37), (24, 6)])
-def test_rms_norm_and_decode_attention_kernels_match_torch(dtype, head_dim, pos):
+# (24); 3 query heads on the one KV head of one sequence are split between threads
+@pytest.mark.parametrize("head_dim, pos, bsz, n_heads, n_kv_heads",
+                         [(16, 6, 2, 4, 2), (64, 37, 2, 4, 2), (24, 6, 2, 4, 2), (64, 37, 1, 3, 1), (24, 6, 1, 3, 1)])
+def test_rms_norm_and_decode_attention_kernels_match_torch(dtype, head_dim, pos, bsz, n_heads, n_kv_heads):
     gen = torch.Generator().manual_seed(2)
     x, weight = torch.randn(3, 5, 80, generator=gen).to(dtype), torch.rand(80, generator=gen).to(dtype)
     reference = F.rms_norm(x.float(), (80,), weight.float(), eps=1e-5)
     tol = dict(rtol=2**-7, atol=2**-7) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cpu_kernels.rms_norm(x, weight, 1e-5).float(), reference, **tol)
 
-    # batch 2 at `pos` of a cache with 2 more slots, 4 query heads sharing 2 KV heads
-    n_heads, n_kv_heads, slots = 4, 2, pos + 2
+    # bsz sequences at `pos` of a cache for 3 with 2 more slots
+    slots = pos + 2
     cache_k, cache_v = (torch.randn(3, n_kv_heads, slots, head_dim, generator=gen).to(dtype) for _ in range(2))
-    qkv = torch.randn(2, 1, (n_heads + 2 * n_kv_heads) * head_dim, generator=gen).to(dtype)
+    qkv = torch.randn(bsz, 1, (n_heads + 2 * n_kv_heads) * head_dim, generator=gen).to(dtype)
     rotation = rotary_angles(torch.tensor([pos]), head_dim, 10000.0)
-    q, k, v = qkv.view(2, 1, -1, head_dim).split([n_heads, n_kv_heads, n_kv_heads], dim=2)
+    q, k, v = qkv.view(bsz, 1, -1, head_dim).split([n_heads, n_kv_heads, n_kv_heads], dim=2)
     q, k = apply_rotary(q, rotation), apply_rotary(k, rotation)
     ref_k, ref_v = cache_k.clone(), cache_v.clone()
-    ref_k[:2, :, pos], ref_v[:2, :, pos] = k[:, 0], v[:, 0]
-    expected = attend_one_position(q.transpose(1, 2), ref_k[:2, :, : pos + 1], ref_v[:2, :, : pos + 1])
+    ref_k[:bsz, :, pos], ref_v[:bsz, :, pos] = k[:, 0], v[:, 0]
+    expected = attend_one_position(q.transpose(1, 2), ref_k[:bsz, :, : pos + 1], ref_v[:bsz, :, : pos + 1])
     out = cpu_kernels.decode_attention(qkv, cache_k, cache_v, rotation, pos, n_heads, n_kv_heads)
     torch.testing.assert_close(cache_k, ref_k, **tol)  # rotated k and v written at pos, rounded as torch rounds
     torch.testing.assert_close(cache_v, ref_v, rtol=0, atol=0)
-    torch.testing.assert_close(out.float(), expected.transpose(1, 2).reshape(2, 1, -1).float(), **tol)
+    torch.testing.assert_close(out.float(), expected.transpose(1, 2).reshape(bsz, 1, -1).float(), **tol)
     with pytest.raises(ValueError, match=f"position {slots} .* does not fit caches"):  # refused, not written
         cpu_kernels.decode_attention(qkv, cache_k, cache_v, rotation, slots, n_heads, n_kv_heads)
 
