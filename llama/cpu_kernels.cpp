@@ -1,7 +1,8 @@
 // CPU kernels for decoding, built and loaded by cpu_kernels.py.
 //
-// - Matmuls y (M, N) = x (M, K) @ W (N, K)^T for a few rows M (the batch of one decode step), with W in bf16, or in
-//   int8 with one scale per output row. Each weight is read from memory once and widened to fp32 in registers, so
+// - Matmuls y (M, N) = x (M, K) @ W (N, K)^T for a few rows M (the batch of one decode step), with W in bf16, in
+//   int8 with one scale per output row, or in int4 with a scale and a zero per group of a row (see Nibbles; int4
+//   shares the int8 path's int16 activations). Each weight is read from memory once and widened in registers, so
 //   the loop runs at memory bandwidth; oneDNN instead emulates bf16 on CPUs without native bf16 math, and PyTorch's
 //   int8 kernel streams well below bandwidth. With int8 weights (on AVX-512) the activations are rounded to int16,
 //   with one fp32 scale per QBLOCK of each row, and multiplied by the weights as exact integer dot products
@@ -15,8 +16,8 @@
 // - A whole decode step through all Transformer blocks in one call, on one process: the Python around each of
 //   these ops costs as much as the ops themselves for small models.
 //
-// Activations are bf16 or fp32 (`act_bf16`; every activation, norm weight and int8 scale of a call has that
-// dtype); all sums are fp32 (or exact int32 within a QBLOCK).
+// Activations are bf16 or fp32 (`act_bf16`; every activation, norm weight and int8 or int4 scale of a call has that
+// dtype); all sums are fp32 (or exact int32 within a QBLOCK or an int4 group).
 
 #include <algorithm>
 #include <cmath>
@@ -76,14 +77,36 @@ inline long max_threads() {
 inline float widen(uint16_t w) { return bf16_to_float(w); }
 inline float widen(int8_t w) { return float(w); }
 
-// A matmul's activations, converted once per call: fp32, and for int8 weights on AVX-512 also int16 with one
-// scale per QBLOCK elements of each row (x[m, k] ~= q[m, k] * scale[m, k / QBLOCK]).
+// int4 weights: each row's K codes (0..15) two to a byte, in runs of 64 codes stored in 32 bytes, byte i holding
+// code i of the run in its low nibble and code 32 + i in its high nibble (so that one 32-byte load widens to two
+// vectors of consecutive codes). Each `group` of a row has a scale and a zero: weight = (code - 8) * scale + zero.
+struct Nibbles {
+    uint8_t pair;
+};
+
+inline float centered_int4(const Nibbles* row, long k) {  // code k of a row, minus 8
+    const uint8_t pair = row[k / 64 * 32 + k % 32].pair;
+    return float(k % 64 < 32 ? pair & 15 : pair >> 4) - 8;
+}
+
+// A matmul's activations, converted once per call: fp32, and for int8 and int4 weights on AVX-512 also int16 with
+// one scale per QBLOCK elements of each row (x[m, k] ~= q[m, k] * scale[m, k / QBLOCK]); for int4 weights, the sums
+// of each `group` of a row's elements (of x, and of q where there is q).
 struct Activations {
     std::vector<float> x;
     std::vector<int16_t> q;
     std::vector<float> scale;
     long blocks = 0;
+    long group = 0;
+    std::vector<float> sums;
+    std::vector<int32_t> q_sums;
 };
+
+// One int4 group's share of a dot product: `dot` is over the centered codes (code - 8), so that it and the zeros'
+// share (zero * sum of x) do not cancel.
+inline float int4_group_sum(float dot, const void* scales_zeros, bool act_bf16, long at, float x_sum) {
+    return dot * load_act(scales_zeros, act_bf16, 2 * at) + load_act(scales_zeros, act_bf16, 2 * at + 1) * x_sum;
+}
 
 #ifdef LLAMA_AVX512
 constexpr bool INT16_ACTIVATIONS = true;
@@ -102,7 +125,8 @@ inline void prefetch_next(const T* w, long K, long k, long n0) {
 
 // Dot products of M rows of x with R consecutive bf16 rows of W, n0.., over k in [0, k_end), k_end a multiple of 16.
 template <long M, long R>
-inline void dot_block(const Activations& a, const uint16_t* w, long K, long k_end, long n0, float out[M][R]) {
+inline void dot_block(const Activations& a, const uint16_t* w, const void*, bool, long K, long k_end, long n0,
+                      float out[M][R]) {
     __m512 acc[M][R];
     for (long m = 0; m < M; m++)
         for (long r = 0; r < R; r++) acc[m][r] = _mm512_setzero_ps();
@@ -130,7 +154,8 @@ inline __m512i dot_pairs(__m512i acc, __m512i x, __m512i w) {  // acc + x[2i] w[
 // The same for int8 rows against the int16 activations, k_end a multiple of 32: exact int32 sums per QBLOCK, then
 // scaled into fp32.
 template <long M, long R>
-inline void dot_block(const Activations& a, const int8_t* w, long K, long k_end, long n0, float out[M][R]) {
+inline void dot_block(const Activations& a, const int8_t* w, const void*, bool, long K, long k_end, long n0,
+                      float out[M][R]) {
     __m512 acc[M][R];
     for (long m = 0; m < M; m++)
         for (long r = 0; r < R; r++) acc[m][r] = _mm512_setzero_ps();
@@ -157,8 +182,51 @@ inline void dot_block(const Activations& a, const int8_t* w, long K, long k_end,
         for (long r = 0; r < R; r++) out[m][r] = _mm512_reduce_add_ps(acc[m][r]);
 }
 
+// The same for int4 rows (K a multiple of 64 and of the group, the group of QBLOCK): exact int32 sums per group of
+// q (code - 8), as q code less 8 q, each scaled by its scale and the activations', plus the zeros' share.
+template <long M, long R>
+inline void dot_block(const Activations& a, const Nibbles* w, const void* scales_zeros, bool act_bf16, long K, long,
+                      long n0, float out[M][R]) {
+    const long groups = K / a.group;
+    __m512 acc[M][R];
+    float zeros[M][R] = {};
+    for (long m = 0; m < M; m++)
+        for (long r = 0; r < R; r++) acc[m][r] = _mm512_setzero_ps();
+    for (long g = 0; g < groups; g++) {
+        __m512i dots[M][R];
+        for (long m = 0; m < M; m++)
+            for (long r = 0; r < R; r++) dots[m][r] = _mm512_setzero_si512();
+        for (long k = g * a.group; k < (g + 1) * a.group; k += 64) {
+            prefetch_next<R>(w, K / 2, k / 2, n0);
+            for (long r = 0; r < R; r++) {
+                const __m512i pairs = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(w + (n0 + r) * K / 2 + k / 2)));
+                const __m512i low = _mm512_and_si512(pairs, _mm512_set1_epi16(15)), high = _mm512_srli_epi16(pairs, 4);
+                for (long m = 0; m < M; m++) {
+                    const int16_t* x = a.q.data() + m * K + k;
+                    dots[m][r] = dot_pairs(dot_pairs(dots[m][r], _mm512_loadu_si512(x), low), _mm512_loadu_si512(x + 32), high);
+                }
+            }
+        }
+        for (long m = 0; m < M; m++) {
+            const float x_scale = a.scale[m * a.blocks + g * a.group / QBLOCK], x_sum = a.sums[m * groups + g];
+            const __m512i eight_q = _mm512_maskz_set1_epi32(1, 8 * a.q_sums[m * groups + g]);  // in lane 0
+            for (long r = 0; r < R; r++) {  // the scaled dot in vector lanes, the zeros' share in a scalar
+                const long at = 2 * ((n0 + r) * groups + g);
+                const float scale = load_act(scales_zeros, act_bf16, at), zero = load_act(scales_zeros, act_bf16, at + 1);
+                acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(dots[m][r], eight_q)),
+                                            _mm512_set1_ps(scale * x_scale), acc[m][r]);
+                zeros[m][r] += zero * x_sum;
+            }
+        }
+    }
+    for (long m = 0; m < M; m++)
+        for (long r = 0; r < R; r++) out[m][r] = _mm512_reduce_add_ps(acc[m][r]) + zeros[m][r];
+}
+
 template <typename T>
-constexpr long vector_width() { return std::is_same<T, int8_t>::value ? 32 : 16; }
+constexpr long vector_width() {
+    return std::is_same<T, Nibbles>::value ? 64 : std::is_same<T, int8_t>::value ? 32 : 16;
+}
 
 // a.q and a.scale from a.x (M, K) over its first k_end columns (a multiple of 32), as Activations describes.
 inline void round_to_int16(Activations& a, long M, long K, long k_end) {
@@ -185,7 +253,8 @@ constexpr bool INT16_ACTIVATIONS = false;
 
 // Portable fallback: the compiler vectorizes the inner loop for whatever -march it was given.
 template <long M, long R, typename T>
-inline void dot_block(const Activations& a, const T* w, long K, long k_end, long n0, float out[M][R]) {
+inline void dot_block(const Activations& a, const T* w, const void*, bool, long K, long k_end, long n0,
+                      float out[M][R]) {
     for (long m = 0; m < M; m++)
         for (long r = 0; r < R; r++) {
             const T* row = w + (n0 + r) * K;
@@ -197,29 +266,51 @@ inline void dot_block(const Activations& a, const T* w, long K, long k_end, long
         }
 }
 
+template <long M, long R>
+inline void dot_block(const Activations& a, const Nibbles* w, const void* scales_zeros, bool act_bf16, long K, long,
+                      long n0, float out[M][R]) {
+    const long groups = K / a.group;
+    for (long m = 0; m < M; m++)
+        for (long r = 0; r < R; r++) {
+            const Nibbles* row = w + (n0 + r) * K / 2;
+            float sum = 0;
+            for (long g = 0; g < groups; g++) {
+                float dot = 0;
+                for (long k = g * a.group; k < (g + 1) * a.group; k++) dot += a.x[m * K + k] * centered_int4(row, k);
+                sum += int4_group_sum(dot, scales_zeros, act_bf16, (n0 + r) * groups + g, a.sums[m * groups + g]);
+            }
+            out[m][r] = sum;
+        }
+}
+
 template <typename T>
 constexpr long vector_width() { return 1; }
 
 inline void round_to_int16(Activations&, long, long, long) {}  // portable builds keep fp32 activations
 #endif
 
-// Whether int8 weights meet int16 activations (else every weight is widened to fp32).
+// Whether int8 and int4 weights meet int16 activations (else every weight is widened to fp32).
 template <typename T>
-constexpr bool int16_activations() { return INT16_ACTIVATIONS && std::is_same<T, int8_t>::value; }
+constexpr bool int16_activations() {
+    return INT16_ACTIVATIONS && (std::is_same<T, int8_t>::value || std::is_same<T, Nibbles>::value);
+}
 
 // Rows n0..n0+R of y: the vector part of each dot product, the K % vector_width tail (in fp32), the scale, the store.
+// (int4 rows have no tail, and their scales are applied group by group.)
 template <long M, long R, typename T>
 inline void rows(const Activations& a, const T* w, const void* scales, void* y, bool act_bf16, long N, long K,
                  long n0) {
     const long k_end = K - K % vector_width<T>();
     float out[M][R];
-    dot_block<M, R>(a, w, K, k_end, n0, out);
+    dot_block<M, R>(a, w, scales, act_bf16, K, k_end, n0, out);
     for (long m = 0; m < M; m++)
         for (long r = 0; r < R; r++) {
             const long n = n0 + r;
             float sum = out[m][r];
-            for (long k = k_end; k < K; k++) sum += a.x[m * K + k] * widen(w[n * K + k]);
-            if (scales != nullptr) sum *= load_act(scales, act_bf16, n);
+            if constexpr (!std::is_same<T, Nibbles>::value) {
+                for (long k = k_end; k < K; k++) sum += a.x[m * K + k] * widen(w[n * K + k]);
+                if (scales != nullptr) sum *= load_act(scales, act_bf16, n);
+            }
             store_act(y, act_bf16, m * N + n, sum);
         }
 }
@@ -242,22 +333,36 @@ void matmul_rows(const Activations& a, const T* w, const void* scales, void* y, 
     for (long n = blocks * R; n < N; n++) rows<M, 1, T>(a, w, scales, y, act_bf16, N, K, n);
 }
 
-// x (M, K) as the kernels read it: fp32, and int16 in blocks where int8 weights take it.
+// x (M, K) as the kernels read it: fp32, int16 in blocks where int8 and int4 weights take it, and sums over each
+// `group` of a row's elements where int4 weights take them.
 template <typename T>
-void convert_activations(const void* x, bool act_bf16, long M, long K, Activations& a) {
+void convert_activations(const void* x, bool act_bf16, long M, long K, long group, Activations& a) {
     a.x.resize(M * K);
     if (act_bf16)
         for (long i = 0; i < M * K; i++) a.x[i] = bf16_to_float(static_cast<const uint16_t*>(x)[i]);
     else
         std::memcpy(a.x.data(), x, M * K * sizeof(float));
     if (int16_activations<T>()) round_to_int16(a, M, K, K - K % vector_width<T>());
+    if (std::is_same<T, Nibbles>::value) {
+        a.group = group;
+        a.sums.assign(M * K / group, 0.0f);
+        a.q_sums.assign(int16_activations<T>() ? M * K / group : 0, 0);
+        for (long g = 0; g < M * K / group; g++) {  // rows are whole groups
+            for (long k = g * group; k < (g + 1) * group; k++) a.sums[g] += a.x[k];
+            if (int16_activations<T>())
+                for (long k = g * group; k < (g + 1) * group; k++) a.q_sums[g] += a.q[k];
+        }
+    }
 }
 
+// y (M, N) = x (M, K) W^T for the weight type T (int4: with K a multiple of 64 and of `group`, a divisor of QBLOCK).
+// Returns 0, or 1 when M is outside 1..MAX_ROWS.
 template <typename T>
-int matmul(const void* x, const T* w, const void* scales, void* y, int act_bf16, long M, long N, long K) {
+int matmul(const void* x, const T* w, const void* scales, void* y, int act_bf16, long M, long N, long K,
+           long group = 0) {
     if (M < 1 || M > MAX_ROWS) return 1;
     thread_local Activations a;  // kept between calls: allocating and zeroing it each time costs as much as filling it
-    convert_activations<T>(x, act_bf16, M, K, a);
+    convert_activations<T>(x, act_bf16, M, K, group, a);
     switch (M) {
         case 1: matmul_rows<1, T>(a, w, scales, y, act_bf16, N, K); break;
         case 2: matmul_rows<2, T>(a, w, scales, y, act_bf16, N, K); break;
@@ -271,10 +376,13 @@ int matmul(const void* x, const T* w, const void* scales, void* y, int act_bf16,
     return 0;
 }
 
-// A layer's linear: weight (N, K) bf16 when scales is null, else int8 with scales (N,).
-int linear(const void* x, const void* w, const void* scales, void* y, int act_bf16, long M, long N, long K) {
-    return scales == nullptr ? matmul(x, static_cast<const uint16_t*>(w), nullptr, y, act_bf16, M, N, K)
-                             : matmul(x, static_cast<const int8_t*>(w), scales, y, act_bf16, M, N, K);
+// A layer's linear: weight (N, K) bf16 when scales is null; else int8 with scales (N,) when int4_group is 0, else
+// int4 (Nibbles) with scales and zeros (N, K / int4_group, 2).
+int linear(const void* x, const void* w, const void* scales, long int4_group, void* y, int act_bf16, long M, long N,
+           long K) {
+    if (scales == nullptr) return matmul(x, static_cast<const uint16_t*>(w), nullptr, y, act_bf16, M, N, K);
+    if (int4_group == 0) return matmul(x, static_cast<const int8_t*>(w), scales, y, act_bf16, M, N, K);
+    return matmul(x, static_cast<const Nibbles*>(w), scales, y, act_bf16, M, N, K, int4_group);
 }
 
 inline float to_float(uint16_t v) { return bf16_to_float(v); }
@@ -414,6 +522,11 @@ extern "C" {
 
 long llama_max_rows() { return MAX_ROWS; }
 
+// Whether the int4 kernel takes K input features in groups of `group`.
+int llama_int4_fits(long K, long group) {
+    return group >= 64 && QBLOCK % group == 0 && K % group == 0 && K % 64 == 0;
+}
+
 int llama_vectorized() { return vector_width<uint16_t>() > 1; }
 
 // Returns 0, or 1 when M is outside 1..llama_max_rows().
@@ -424,6 +537,13 @@ int llama_matmul_bf16(const void* x, const uint16_t* w, void* y, int act_bf16, l
 int llama_matmul_int8(const void* x, const int8_t* w, const void* scales, void* y, int act_bf16, long M, long N,
                       long K) {
     return matmul<int8_t>(x, w, scales, y, act_bf16, M, N, K);
+}
+
+// int4 weights as Nibbles describes; returns 2 when K is not a multiple of 64 and of group, or QBLOCK of group.
+int llama_matmul_int4(const void* x, const uint8_t* w, const void* scales_zeros, void* y, int act_bf16, long M,
+                      long N, long K, long group) {
+    if (!llama_int4_fits(K, group)) return 2;
+    return matmul(x, reinterpret_cast<const Nibbles*>(w), scales_zeros, y, act_bf16, M, N, K, group);
 }
 
 // y (M, K) = x / sqrt(mean(x^2) + eps) * weight, row by row, rounded once.
@@ -490,11 +610,13 @@ void llama_decode_attention(const void* qkv, void* cache_k, void* cache_v, const
 // place: for each block, h += wo(attention(rms_norm(h))), then h += w2(silu(w1 x) * w3 x) with x = rms_norm(h),
 // rounding where PyTorch's ops would (each op's output in the activation dtype). `tensors` holds LAYER_TENSORS
 // pointers per layer, in this order: attention_norm weight, wqkv weight and scales, wo weight and scales,
-// ffn_norm weight, w13 weight and scales, w2 weight and scales, cache_k, cache_v (scales null for bf16 weights).
+// ffn_norm weight, w13 weight and scales, w2 weight and scales, cache_k, cache_v (scales null for bf16 weights;
+// int4 weights, in groups of int4_group when that is not 0, have their scales and zeros there, as linear() takes).
 // wqkv's rows are wq's, wk's, wv's; w13's are w1's (hidden of them), then w3's. Returns 0, or 1 when B is outside
 // 1..llama_max_rows().
 int llama_decode_layers(const void* const* tensors, long n_layers, void* h, const float* rotation, int act_bf16,
-                        long B, long dim, long H, long H_kv, long D, long hidden, long T_max, long pos, float eps) {
+                        long B, long dim, long H, long H_kv, long D, long hidden, long T_max, long pos, float eps,
+                        long int4_group) {
     constexpr long LAYER_TENSORS = 12;
     if (B < 1 || B > MAX_ROWS) return 1;
     const long size = act_bf16 ? 2 : 4, qkv_features = (H + 2 * H_kv) * D;
@@ -508,13 +630,13 @@ int llama_decode_layers(const void* const* tensors, long n_layers, void* h, cons
     for (long l = 0; l < n_layers; l++) {
         const void* const* t = tensors + l * LAYER_TENSORS;
         llama_rms_norm(h, t[0], normed.data(), act_bf16, B, dim, eps);
-        linear(normed.data(), t[1], t[2], qkv.data(), act_bf16, B, qkv_features, dim);
+        linear(normed.data(), t[1], t[2], int4_group, qkv.data(), act_bf16, B, qkv_features, dim);
         llama_decode_attention(qkv.data(), const_cast<void*>(t[10]), const_cast<void*>(t[11]), rotation,
                                attended.data(), act_bf16, B, H, H_kv, D, T_max, pos);
-        linear(attended.data(), t[3], t[4], projected.data(), act_bf16, B, dim, H * D);
+        linear(attended.data(), t[3], t[4], int4_group, projected.data(), act_bf16, B, dim, H * D);
         add_to_h();
         llama_rms_norm(h, t[5], normed.data(), act_bf16, B, dim, eps);
-        linear(normed.data(), t[6], t[7], up.data(), act_bf16, B, 2 * hidden, dim);
+        linear(normed.data(), t[6], t[7], int4_group, up.data(), act_bf16, B, 2 * hidden, dim);
         for (long b = 0; b < B; b++)
             for (long i = 0; i < hidden; i++) {
                 const float gate = load_act(up.data(), act_bf16, b * 2 * hidden + i);
@@ -522,7 +644,7 @@ int llama_decode_layers(const void* const* tensors, long n_layers, void* h, cons
                 store_act(gated.data(), act_bf16, b * hidden + i,
                           silu * load_act(up.data(), act_bf16, b * 2 * hidden + hidden + i));
             }
-        linear(gated.data(), t[8], t[9], projected.data(), act_bf16, B, dim, hidden);
+        linear(gated.data(), t[8], t[9], int4_group, projected.data(), act_bf16, B, dim, hidden);
         add_to_h();
     }
     return 0;

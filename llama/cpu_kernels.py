@@ -96,12 +96,14 @@ def library() -> Optional[ctypes.CDLL]:
     pointer, flag, size = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
     lib.llama_matmul_bf16.argtypes = [pointer, pointer, pointer, flag, size, size, size]  # x, w, y, act_bf16, M, N, K
     lib.llama_matmul_int8.argtypes = [pointer, pointer, pointer, pointer, flag, size, size, size]  # ..., scales, y
+    lib.llama_matmul_int4.argtypes = [pointer, pointer, pointer, pointer, flag, size, size, size, size]  # ..., group
+    lib.llama_int4_fits.argtypes = [size, size]  # K, group
     lib.llama_rms_norm.argtypes = [pointer, pointer, pointer, flag, size, size, ctypes.c_float]  # x, w, y, .., eps
     lib.llama_rms_norm.restype = None
     lib.llama_decode_attention.argtypes = [pointer] * 5 + [flag] + [size] * 6  # qkv, caches, rotation, out, ...
     lib.llama_decode_attention.restype = None
-    # tensors, n_layers, h, rotation, act_bf16, B, dim, H, H_kv, D, hidden, T_max, pos, eps
-    lib.llama_decode_layers.argtypes = [pointer, size, pointer, pointer, flag] + [size] * 8 + [ctypes.c_float]
+    # tensors, n_layers, h, rotation, act_bf16, B, dim, H, H_kv, D, hidden, T_max, pos, eps, int4_group
+    lib.llama_decode_layers.argtypes = [pointer, size, pointer, pointer, flag] + [size] * 8 + [ctypes.c_float, size]
     return lib
 
 
@@ -122,24 +124,55 @@ def max_rows() -> int:
     return lib.llama_max_rows() if lib is not None else 0
 
 
-def matmul(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """x (..., K) in bf16 or fp32 @ weight (N, K)^T -> (..., N) in x's dtype. weight is bf16, or int8 with
-    scales (N,) in x's dtype. At most max_rows() rows of x; every tensor on the CPU, weight contiguous.
-    (Called once per linear per decode step: kept to the few tensor calls it needs.)"""
-    n, k = weight.shape
+def matmul(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor] = None,
+           int4_group: int = 0) -> torch.Tensor:
+    """x (..., K) in bf16 or fp32 @ W (N, K)^T -> (..., N) in x's dtype. The weight is bf16 (N, K); int8 (N, K)
+    with scales (N,) in x's dtype; or, with int4_group, int4 codes packed by `pack_int4` (N, K / 2) with scales
+    (N, K / int4_group, 2) of (scale, zero) in x's dtype. At most max_rows() rows of x; every tensor on the CPU,
+    weight contiguous. (Called once per linear per decode step: kept to the few tensor calls it needs.)"""
+    n, k = weight.shape[0], x.shape[-1]
     x = x.contiguous()
     rows = x.numel() // k
     y = x.new_empty(x.shape[:-1] + (n,))
     act_bf16 = x.dtype == torch.bfloat16
     if scales is None:
         status = library().llama_matmul_bf16(x.data_ptr(), weight.data_ptr(), y.data_ptr(), act_bf16, rows, n, k)
-    else:
+    elif int4_group == 0:
         status = library().llama_matmul_int8(
             x.data_ptr(), weight.data_ptr(), scales.data_ptr(), y.data_ptr(), act_bf16, rows, n, k
         )
+    else:
+        status = library().llama_matmul_int4(
+            x.data_ptr(), weight.data_ptr(), scales.data_ptr(), y.data_ptr(), act_bf16, rows, n, k, int4_group
+        )
+    if status == 2:
+        raise ValueError(f"cpu_kernels.matmul: int4 groups of {int4_group} over {k} input features do not fit the "
+                         f"kernel (see int4_fits)")
     if status != 0:
         raise ValueError(f"cpu_kernels.matmul takes 1 to {max_rows()} rows, got {rows}")
     return y
+
+
+def int4_fits(in_features: int, group_size: int) -> bool:
+    """Whether the int4 kernel takes a layer of in_features in groups of group_size: groups of 64, 128 or 256
+    (the kernel's activations have one scale per 256), in_features a multiple of 64 and of the group."""
+    lib = library()
+    return lib is not None and bool(lib.llama_int4_fits(in_features, group_size))
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int4 codes q (N, K) in [0, 15], K a multiple of 64 -> (N, K / 2) uint8 in the kernel's order: in each run
+    of 64 codes, byte i holds code i in its low nibble and code 32 + i in its high one."""
+    n, k = q.shape
+    runs = q.to(torch.uint8).view(n, k // 64, 2, 32)
+    return (runs[:, :, 0] | runs[:, :, 1] << 4).view(n, k // 2)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_int4: (N, K / 2) uint8 -> codes (N, K) uint8."""
+    n, half = packed.shape
+    runs = packed.view(n, half // 32, 1, 32)
+    return torch.cat([runs & 15, runs >> 4], dim=2).view(n, 2 * half)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -221,16 +254,23 @@ def layer_tensors(layer: torch.nn.Module) -> Optional[list]:
             child(cache, "v")]
 
 
-def fits_kernel(tensors: list, h: torch.Tensor, cache_shape: torch.Size, n_heads: int, hidden: int) -> bool:
+def fits_kernel(tensors: list, h: torch.Tensor, cache_shape: torch.Size, n_heads: int, hidden: int,
+                int4_group: int) -> bool:
     """Whether a block's `layer_tensors` have the dtypes and shapes llama_decode_layers assumes for activations
-    h (B, 1, dim), caches of cache_shape (B_max, H_kv, T_max, D), n_heads query heads and an FFN of `hidden`
-    features (the same for every block): it reads and writes through raw pointers."""
+    h (B, 1, dim), caches of cache_shape (B_max, H_kv, T_max, D), n_heads query heads, an FFN of `hidden`
+    features, and int4 weights in groups of int4_group if that is not 0 (the same for every block): it reads and
+    writes through raw pointers."""
     norms, linears, caches = tensors[0:6:5], (tensors[1:3], tensors[3:5], tensors[6:8], tensors[8:10]), tensors[10:]
     dim, heads = h.shape[-1], n_heads * cache_shape[3]
     shapes = ((heads + 2 * cache_shape[1] * cache_shape[3], dim), (dim, heads), (2 * hidden, dim), (dim, hidden))
-    for (weight, scales), shape in zip(linears, shapes):
-        expected = (torch.bfloat16, None) if scales is None else (torch.int8, h.dtype)
-        if (weight.dtype, None if scales is None else scales.dtype) != expected or weight.shape != shape:
+    for (weight, scales), (n, k) in zip(linears, shapes):
+        if scales is None:
+            expected = (torch.bfloat16, (n, k), None, None)
+        elif int4_group == 0:
+            expected = (torch.int8, (n, k), h.dtype, (n,))
+        else:
+            expected = (torch.uint8, (n, k // 2), h.dtype, (n, k // int4_group, 2))
+        if (weight.dtype, weight.shape) + ((None, None) if scales is None else (scales.dtype, scales.shape)) != expected:
             return False
     return all(t.dtype == h.dtype and t.shape == (dim,) for t in norms) and all(
         c.dtype == h.dtype and c.shape == cache_shape and c.is_contiguous() for c in caches)
@@ -251,6 +291,7 @@ def decode_layers(layers: torch.nn.ModuleList, h: torch.Tensor, pos: int,
     first = layers[0].attention
     cache_shape = first.cache.k.shape  # (B_max, H_kv, T_max, D)
     n_heads, hidden, eps = first.n_local_heads, layers[0].feed_forward.split_sizes[0], layers[0].attention_norm.eps
+    int4_group = getattr(first.wqkv, "int4_group", 0)  # every linear's, as fits_kernel checks
     bsz, dim = h.shape[0], h.shape[-1]
     if h.shape[1] != 1 or not (0 <= pos < cache_shape[2] and 1 <= bsz <= min(cache_shape[0], max_rows())):
         return None
@@ -258,10 +299,10 @@ def decode_layers(layers: torch.nn.ModuleList, h: torch.Tensor, pos: int,
     if any(tensors is None for tensors in per_layer):
         return None
     pointers = [0 if t is None else t.data_ptr() for tensors in per_layer for t in tensors]
-    key = (h.dtype, dim, cache_shape, *pointers)
+    key = (h.dtype, dim, cache_shape, int4_group, *pointers)
     checked = _checked.get(layers)
     if checked is None or checked[0] != key:
-        if not all(fits_kernel(tensors, h, cache_shape, n_heads, hidden) for tensors in per_layer) or any(
+        if not all(fits_kernel(tensors, h, cache_shape, n_heads, hidden, int4_group) for tensors in per_layer) or any(
                 norm.eps != eps for layer in layers for norm in (layer.attention_norm, layer.ffn_norm)):
             return None
         _checked[layers] = checked = (key, (ctypes.c_void_p * len(pointers))(*pointers))
@@ -269,18 +310,18 @@ def decode_layers(layers: torch.nn.ModuleList, h: torch.Tensor, pos: int,
     status = library().llama_decode_layers(
         checked[1], len(layers), out.data_ptr(), torch.view_as_real(rotation).data_ptr(),
         int(h.dtype == torch.bfloat16), bsz, dim, n_heads, cache_shape[1], cache_shape[3], hidden, cache_shape[2], pos,
-        eps)
+        eps, int4_group)
     if status != 0:
         raise ValueError(f"cpu_kernels.decode_layers takes 1 to {max_rows()} sequences, got {bsz}")
     return out
 
 
 @torch.library.custom_op("llama::cpu_matmul", mutates_args=())
-def matmul_op(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor]) -> torch.Tensor:
+def matmul_op(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor], int4_group: int) -> torch.Tensor:
     """`matmul` as a PyTorch operator, so torch.compile can place the kernel inside a compiled decode step."""
-    return matmul(x, weight, scales)
+    return matmul(x, weight, scales, int4_group)
 
 
 @matmul_op.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor]) -> torch.Tensor:
+def _(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor], int4_group: int) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[0])

@@ -74,7 +74,8 @@ class Scratch:
 
 
 class CpuLinear(ParallelLinear):
-    """A CPU linear whose weight stays a plain (N, K) tensor, bf16 or int8 with per-row scales.
+    """A CPU linear whose weight stays a plain tensor: bf16 (N, K); int8 (N, K) with per-row scales; or int4 codes
+    (N, K / 2) in the kernel's order (`cpu_kernels.pack_int4`) with a scale and a zero per int4_group weights.
 
     Up to cpu_kernels.max_rows() rows of input (a decode step) go through the streaming kernel of cpu_kernels.cpp,
     which reads each weight once at memory bandwidth. More rows (a prompt) are multiplied by PyTorch's GEMM from
@@ -83,11 +84,13 @@ class CpuLinear(ParallelLinear):
     """
 
     def __init__(self, layer: nn.Module, world_size: int, weight: torch.Tensor, scales: Optional[torch.Tensor],
-                 scratch: Scratch):
-        """weight: (N, K) bf16, or int8 with scales (N,) in the model dtype."""
+                 scratch: Scratch, int4_group: int = 0):
+        """weight: (N, K) bf16; or int8 with scales (N,) in the model dtype; or, with int4_group, packed int4 codes
+        (N, K / 2) with scales (N, K / int4_group, 2) of (scale, zero) in the model dtype."""
         super().__init__(layer, world_size)
         self.register_buffer("weight", weight.contiguous())  # the kernel walks rows of K elements
         self.register_buffer("scales", scales)
+        self.int4_group = int4_group
         self.scratch = scratch
         self.kernel_rows = cpu_kernels.max_rows()
         self.native_bf16 = cpu_has_native_bf16()
@@ -100,13 +103,18 @@ class CpuLinear(ParallelLinear):
         rows = self.weight[first:last]
         if self.scales is None and rows.dtype == dtype:
             return rows
+        if self.int4_group:  # (code - 8) * scale + zero, group by group
+            out = self.scratch.get((rows.shape[0], self.in_features), dtype).copy_(cpu_kernels.unpack_int4(rows))
+            scales, zeros = self.scales[first:last].unsqueeze(-1).unbind(-2)  # (rows, K / G, 1) each
+            out.view(rows.shape[0], -1, self.int4_group).sub_(8).mul_(scales).add_(zeros)
+            return out
         out = self.scratch.get(rows.shape, dtype).copy_(rows)
         return out if self.scales is None else out.mul_(self.scales[first:last, None])
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() // x.shape[-1] <= self.kernel_rows:
             kernel = cpu_kernels.matmul_op if torch.compiler.is_compiling() else cpu_kernels.matmul
-            return kernel(x, self.weight, self.scales)
+            return kernel(x, self.weight, self.scales, self.int4_group)
         dtype = x.dtype if self.native_bf16 else torch.float32
         xw = x.to(dtype)
         step = max(1, Scratch.BLOCK_NUMEL // self.in_features)
@@ -165,6 +173,16 @@ def int8_linear(layer: nn.Module, world_size: int, q: torch.Tensor, scales: torc
         # tensor (quantized here, or joined from a file's parts), so moving it costs no memory.
         return CpuLinear(layer, world_size, cpu_kernels.huge_page_copy(q), scales, scratch)
     return Int8Linear(layer, world_size, q, scales)
+
+
+def int4_linear(layer: nn.Module, world_size: int, q: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
+                scratch: Scratch) -> ParallelLinear:
+    """The int4 linear for q's device: our streaming kernel on the CPU where it builds and takes the layer's shape
+    (`cpu_kernels.int4_fits`), else PyTorch's kernels."""
+    if q.device.type == "cpu" and cpu_kernels.int4_fits(q.shape[1], group_size):
+        packed = cpu_kernels.huge_page_copy(cpu_kernels.pack_int4(q))  # fresh, as int8_linear's q
+        return CpuLinear(layer, world_size, packed, scales_and_zeros.transpose(0, 1).contiguous(), scratch, group_size)
+    return Int4Linear(layer, world_size, q, scales_and_zeros, group_size)
 
 
 class Int4Linear(ParallelLinear):
@@ -258,7 +276,7 @@ def linear_factory(
         def make_int4(name: str, layer: nn.Module) -> nn.Module:
             check_int4_layer(name, layer.weight.shape[1], group_size)
             q, scales_and_zeros = quantize_int4(weight(layer), group_size)
-            return Int4Linear(layer, world_size, q, scales_and_zeros.to(dtype), group_size)
+            return int4_linear(layer, world_size, q, scales_and_zeros.to(dtype), group_size, scratch)
 
         return make_int4
     if device.type == "cpu" and dtype == torch.bfloat16 and cpu_kernels.available():
@@ -371,6 +389,6 @@ def load_prequantized(ckpt_dir: str, scheme: dict, rank: int, world: int, device
             return int8_linear(layer, world, joined("weight"), joined("scales").to(dtype), scratch)
         q = joined("weight", decode=unpack_nibbles)
         scales_and_zeros = joined("scales_and_zeros", dim=1).to(dtype)  # (K / G, N, 2): outputs on dim 1
-        return Int4Linear(layer, world, q, scales_and_zeros, scheme["group_size"])
+        return int4_linear(layer, world, q, scales_and_zeros, scheme["group_size"], scratch)
 
     return stored, make

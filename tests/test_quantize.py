@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from llama import cpu_kernels
-from llama.linear import CpuLinear, Int4Linear, Int8Linear, linear_factory, quantize_int4, quantize_int8, supported_quantize_modes
+from llama.linear import (CpuLinear, Int4Linear, Int8Linear, Scratch, int4_linear, linear_factory, quantize_int4,
+                          quantize_int8, supported_quantize_modes)
 from llama.model import column_parallel
 from llama.tiny import TOKENIZER_VOCAB, make_checkpoint
 
@@ -53,8 +54,9 @@ def test_int4_round_trip_is_within_half_a_step():
     assert ((dequantized - w).abs() <= scales / 2 + 1e-5).all()
 
 
-# on the CPU, int8 runs on our streaming kernel wherever it builds
-LINEAR_CLASS = {"int8": CpuLinear if cpu_kernels.available() else Int8Linear, "int4": Int4Linear}
+# on the CPU, int8 runs on our streaming kernel wherever it builds, int4 where the kernel takes the group size too
+LINEAR_CLASS = {"int8": CpuLinear if cpu_kernels.available() else Int8Linear,
+                "int4/32": Int4Linear, "int4/64": CpuLinear if cpu_kernels.available() else Int4Linear}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -77,6 +79,26 @@ def test_quantized_linears_compute_their_dequantized_weights(dtype):
         assert out.shape == (2, 3, 64) and (out.float() - reference).abs().max() <= tol * reference.abs().max()
 
 
+@pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler for cpu_kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_cpu_kernel_linear_matches_pytorch_int4(dtype):
+    """Our int4 linear (decode rows on the streaming kernel, a prompt's on the GEMM from dequantized blocks) and
+    PyTorch's compute the same layer."""
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(96, 256, generator=gen)
+    q, sz = quantize_int4(w, 64)
+    ours = int4_linear(layer_with(w), 1, q, sz.to(dtype), 64, Scratch())
+    assert isinstance(ours, CpuLinear) and ours.weight.dtype == torch.uint8 and ours.weight.shape == (96, 128)
+    theirs = Int4Linear(layer_with(w), 1, q, sz.to(dtype), group_size=64)
+    for rows in (1, 8, 20):  # the kernel's largest batch, and a prompt
+        x = torch.randn(rows, 256, generator=gen).to(dtype)
+        with torch.inference_mode():
+            out, reference = ours(x).float(), theirs(x).float()
+        # fp32: the kernel rounds x to int16 steps of 2^-15 of each 256 columns' largest; bf16: the outputs' rounding
+        tol = 1e-4 if dtype == torch.float32 else 2**-7
+        assert (out - reference).abs().max() <= tol * reference.abs().max(), rows
+
+
 def logit_errors(exact: torch.Tensor, approx: torch.Tensor) -> tuple:
     """(relative RMS error, mean KL(exact || approx), top-1 agreement) of approx's logits against exact's."""
     rel_rms = ((approx - exact).pow(2).mean().sqrt() / exact.pow(2).mean().sqrt()).item()
@@ -86,13 +108,15 @@ def logit_errors(exact: torch.Tensor, approx: torch.Tensor) -> tuple:
     return rel_rms, kl, top1
 
 
-@pytest.mark.parametrize("config", ["mha", "gqa"])
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_quantized_model_tracks_fp32(build, config, mode):
+# int4 in groups of 32 (PyTorch's kernel) and 64 (ours; gqa's FFN of 224 features does not split in groups of 64)
+@pytest.mark.parametrize("config,mode,group_size", [("mha", "int8", 128), ("gqa", "int8", 128), ("mha", "int4", 32),
+                                                    ("gqa", "int4", 32), ("mha", "int4", 64)])
+def test_quantized_model_tracks_fp32(build, config, mode, group_size):
     exact_model = build(config).model
-    model = build(config, quantize=mode, group_size=32).model
-    assert isinstance(model.layers[1].feed_forward.w2, LINEAR_CLASS[mode])
-    assert isinstance(model.output, LINEAR_CLASS[mode])
+    model = build(config, quantize=mode, group_size=group_size).model
+    kind = mode if mode == "int8" else f"{mode}/{group_size}"
+    assert isinstance(model.layers[1].feed_forward.w2, LINEAR_CLASS[kind])
+    assert isinstance(model.output, LINEAR_CLASS[kind])
     tokens = torch.randint(3, 500, (4, 32), generator=torch.Generator().manual_seed(4))
     with torch.inference_mode():
         exact, prefilled = exact_model.forward(tokens, 0), model.forward(tokens, 0)  # the prompt path
@@ -130,16 +154,18 @@ def test_prequantized_checkpoint_loads_like_quantizing_at_load_time(build, tiny_
     from llama import Llama
     from llama.convert import quantize
 
-    src, dst = tiny_dir / "gqa-mp1", tmp_path / f"gqa-{mode}"
-    quantize(str(src), str(dst), mode=mode, group_size=32)
+    # int4 in groups of 64, which our kernel takes (mha's layers split into them)
+    config, group_size, kind = ("gqa", 32, "int8") if mode == "int8" else ("mha", 64, "int4/64")
+    src, dst = tiny_dir / f"{config}-mp1", tmp_path / f"{config}-{mode}"
+    quantize(str(src), str(dst), mode=mode, group_size=group_size)
     files = sorted(p.name for p in dst.iterdir())
     assert files == ["checklist.chk", "consolidated.00.pth", "params.json", "quantization.json", "tokenizer.model"]
     assert (dst / "consolidated.00.pth").stat().st_size < 0.5 * (src / "consolidated.00.pth").stat().st_size
     assert "quantization.json" in (dst / "checklist.chk").read_text()
 
     stored = Llama.build(str(dst), tokenizer_path, 64, 4, device="cpu", dtype="fp32").model
-    at_load = build("gqa", quantize=mode, group_size=32).model
-    assert isinstance(stored.output, LINEAR_CLASS[mode])
+    at_load = build(config, quantize=mode, group_size=group_size).model
+    assert isinstance(stored.output, LINEAR_CLASS[kind])
     tokens = torch.randint(3, 500, (2, 16), generator=torch.Generator().manual_seed(5))
     with torch.inference_mode():
         assert torch.equal(stored.forward(tokens, 0), at_load.forward(tokens, 0))
