@@ -207,15 +207,16 @@ inline void dot_block(const Activations& a, const Nibbles* w, const void* scales
                 }
             }
         }
-        for (long m = 0; m < M; m++) {
-            const float x_scale = a.scale[m * a.blocks + g * a.group / QBLOCK], x_sum = a.sums[m * groups + g];
-            const __m512i eight_q = _mm512_maskz_set1_epi32(1, 8 * a.q_sums[m * groups + g]);  // in lane 0
-            for (long r = 0; r < R; r++) {  // the scaled dot in vector lanes, the zeros' share in a scalar
-                const long at = 2 * ((n0 + r) * groups + g);
-                const float scale = load_act(scales_zeros, act_bf16, at), zero = load_act(scales_zeros, act_bf16, at + 1);
+        for (long r = 0; r < R; r++) {  // the scaled dot in vector lanes, the zeros' share in a scalar
+            const long at = 2 * ((n0 + r) * groups + g);
+            const float scale = load_act(scales_zeros, act_bf16, at), zero = load_act(scales_zeros, act_bf16, at + 1);
+            for (long m = 0; m < M; m++) {
+                const long mg = m * groups + g;
+                const __m512i eight_q = _mm512_maskz_set1_epi32(1, 8 * a.q_sums[mg]);  // in lane 0
+                const float x_scale = a.scale[m * a.blocks + g * a.group / QBLOCK];
                 acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(dots[m][r], eight_q)),
                                             _mm512_set1_ps(scale * x_scale), acc[m][r]);
-                zeros[m][r] += zero * x_sum;
+                zeros[m][r] += zero * a.sums[mg];
             }
         }
     }
