@@ -137,11 +137,12 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> Tuple[torch.Tensor, 
     int4 matmul kernels take.
     """
     n, k = weight.shape
-    groups = weight.float().reshape(n, k // group_size, group_size)
-    lo, hi = groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True)
-    scales = (hi - lo).clamp(min=1e-8) / 15
+    # the one full-size fp32 temporary, worked on in place (as in quantize_int8)
+    groups = weight.to(torch.float32, copy=True).view(n, k // group_size, group_size)
+    lo, hi = torch.aminmax(groups, dim=-1, keepdim=True)
+    scales = (hi - lo).clamp_(min=1e-8) / 15
     zeros = lo + 8 * scales  # the value that code 8 stands for
-    q = torch.round((groups - lo) / scales).clamp(0, 15).to(torch.int32).reshape(n, k)
+    q = groups.sub_(lo).div_(scales).round_().clamp_(0, 15).to(torch.int32).view(n, k)
     scales_and_zeros = torch.cat([scales, zeros], dim=-1).transpose(0, 1).contiguous()  # (K / G, N, 2)
     return q, scales_and_zeros
 

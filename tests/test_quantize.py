@@ -48,6 +48,7 @@ def test_int8_round_trip_is_within_half_a_step():
 def test_int4_round_trip_is_within_half_a_step():
     w = torch.randn(48, 128, generator=torch.Generator().manual_seed(0))
     q, sz = quantize_int4(w, group_size=32)
+    assert torch.equal(w, torch.randn(48, 128, generator=torch.Generator().manual_seed(0)))  # input left as it was
     assert sz.shape == (4, 48, 2) and q.min() >= 0 and q.max() <= 15
     scales, zeros = sz[..., 0].t().repeat_interleave(32, dim=1), sz[..., 1].t().repeat_interleave(32, dim=1)
     dequantized = (q - 8) * scales + zeros
