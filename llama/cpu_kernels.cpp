@@ -84,11 +84,6 @@ struct Nibbles {
     uint8_t pair;
 };
 
-inline float centered_int4(const Nibbles* row, long k) {  // code k of a row, minus 8
-    const uint8_t pair = row[k / 64 * 32 + k % 32].pair;
-    return float(k % 64 < 32 ? pair & 15 : pair >> 4) - 8;
-}
-
 // A matmul's activations, converted once per call: fp32, and for int8 and int4 weights on AVX-512 also int16 with
 // one scale per QBLOCK elements of each row (x[m, k] ~= q[m, k] * scale[m, k / QBLOCK]); for int4 weights, the sums
 // of each `group` of a row's elements (of x, and of q where there is q).
@@ -101,12 +96,6 @@ struct Activations {
     std::vector<float> sums;
     std::vector<int32_t> q_sums;
 };
-
-// One int4 group's share of a dot product: `dot` is over the centered codes (code - 8), so that it and the zeros'
-// share (zero * sum of x) do not cancel.
-inline float int4_group_sum(float dot, const void* scales_zeros, bool act_bf16, long at, float x_sum) {
-    return dot * load_act(scales_zeros, act_bf16, 2 * at) + load_act(scales_zeros, act_bf16, 2 * at + 1) * x_sum;
-}
 
 #ifdef LLAMA_AVX512
 constexpr bool INT16_ACTIVATIONS = true;
@@ -267,6 +256,13 @@ inline void dot_block(const Activations& a, const T* w, const void*, bool, long 
         }
 }
 
+inline float centered_int4(const Nibbles* row, long k) {  // code k of a row, minus 8
+    const uint8_t pair = row[k / 64 * 32 + k % 32].pair;
+    return float(k % 64 < 32 ? pair & 15 : pair >> 4) - 8;
+}
+
+// int4 rows: each group's sum of x times the centered codes (code - 8), scaled, plus the zeros' share (zero times x's
+// group sum); centering keeps the two from cancelling.
 template <long M, long R>
 inline void dot_block(const Activations& a, const Nibbles* w, const void* scales_zeros, bool act_bf16, long K, long,
                       long n0, float out[M][R]) {
@@ -278,7 +274,8 @@ inline void dot_block(const Activations& a, const Nibbles* w, const void* scales
             for (long g = 0; g < groups; g++) {
                 float dot = 0;
                 for (long k = g * a.group; k < (g + 1) * a.group; k++) dot += a.x[m * K + k] * centered_int4(row, k);
-                sum += int4_group_sum(dot, scales_zeros, act_bf16, (n0 + r) * groups + g, a.sums[m * groups + g]);
+                const long at = 2 * ((n0 + r) * groups + g);
+                sum += dot * load_act(scales_zeros, act_bf16, at) + load_act(scales_zeros, act_bf16, at + 1) * a.sums[m * groups + g];
             }
             out[m][r] = sum;
         }
