@@ -6,8 +6,9 @@ import shutil
 import pytest
 import torch
 
-from llama import Llama
+from llama import Llama, cpu_kernels
 from llama.generation import sample_top_p
+from llama.linear import CpuLinear
 
 
 def test_batch_of_different_lengths_matches_each_prompt_alone(build):
@@ -181,10 +182,14 @@ def test_compiled_decode_matches_eager(build):
     assert torch.allclose(torch.tensor(logprobs_c), torch.tensor(logprobs), atol=1e-5)
 
 
-def test_compiled_bf16_step_runs_the_cpu_kernel(build):
-    """In bf16 the compiled step calls our CPU kernel as a torch operator; its logits track the eager step's (bf16
-    rounding differs where the compiler fuses ops, so the tiny random model's near-tied tokens are not compared)."""
-    eager = build("gqa", dtype="bf16")
+@pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler for cpu_kernels")
+@pytest.mark.parametrize("config,quantize", [("gqa", None), ("mha", "int4")])
+def test_compiled_bf16_step_runs_the_cpu_kernel(build, config, quantize):
+    """In bf16 the compiled step calls our CPU kernel (bf16, or int4 in groups of 64) as a torch operator; its logits
+    track the eager step's (bf16 rounding differs where the compiler fuses ops, so the tiny random model's near-tied
+    tokens are not compared)."""
+    eager = build(config, dtype="bf16", quantize=quantize, group_size=64)
+    assert isinstance(eager.model.layers[0].feed_forward.w2, CpuLinear)
     compiled = Llama(eager.model, eager.tokenizer, compile=True)
     tokens = torch.randint(3, 500, (2, 9), generator=torch.Generator().manual_seed(8))
     with torch.inference_mode():
