@@ -13,9 +13,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
-def torchrun(nproc: int, ckpt_dir, tokenizer_path, out_file, script=os.path.join(HERE, "mp_worker.py")):
+def torchrun(nproc: int, ckpt_dir, tokenizer_path, out_file, *args, script=os.path.join(HERE, "mp_worker.py")):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script,
-           str(ckpt_dir), str(tokenizer_path), str(out_file)]
+           str(ckpt_dir), str(tokenizer_path), str(out_file), *map(str, args)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -48,3 +48,23 @@ def test_any_shard_count_on_any_process_count(tiny_dir, tokenizer_path, single_p
     assert result["world_size"] == nproc
     assert (result["logits"] - reference["logits"]).abs().max().item() <= 1e-5
     assert result["tokens"] == reference["tokens"]
+
+
+@pytest.mark.parametrize("mode, group_size", [("int8", 128), ("int4", 32)])
+def test_quantized_model_parallel_tracks_one_process(tiny_dir, tokenizer_path, single_process, tmp_path, mode,
+                                                     group_size):
+    """Each rank quantizes its own slice. int4's groups (along the input features) never straddle two ranks' slices,
+    so 2 processes compute the one-process int4 model; int8's row-parallel slices get scales of their own, so the
+    2-process int8 model is held to the int8 bounds against fp32 instead."""
+    from test_quantize import BOUNDS, logit_errors
+
+    result = torchrun(2, tiny_dir / "mha-mp2", tokenizer_path, tmp_path / "out.pt", mode, group_size)
+    assert result["world_size"] == 2
+    if mode == "int4":
+        one_process = mp_worker.run(str(tiny_dir / "mha-mp1"), tokenizer_path, mode, group_size)
+        assert (result["logits"] - one_process["logits"]).abs().max().item() <= 1e-4
+        assert result["tokens"] == one_process["tokens"]
+    else:
+        rel_rms, kl, top1 = logit_errors(single_process["mha"]["logits"], result["logits"])
+        max_rel_rms, max_kl, min_top1 = BOUNDS[mode]
+        assert rel_rms < max_rel_rms and kl < max_kl and top1 >= min_top1, (rel_rms, kl, top1)
