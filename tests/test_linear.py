@@ -72,10 +72,11 @@ def test_kernel_matches_fp32_matmul(act_dtype, in_features):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-# head sizes with vector code (16, 64: 16 positions scored at a time, so pos 37 ends in a partial block) and without
-# (24); 3 query heads on the one KV head of one sequence are split between threads
+# head sizes with vector code (16, 32, 64, 128 (Llama 2's): 16 positions scored at a time, so pos 37 ends in a
+# partial block) and without (24); 3 query heads on the one KV head of one sequence are split between threads
 @pytest.mark.parametrize("head_dim, pos, bsz, n_heads, n_kv_heads",
-                         [(16, 6, 2, 4, 2), (64, 37, 2, 4, 2), (24, 6, 2, 4, 2), (64, 37, 1, 3, 1), (24, 6, 1, 3, 1)])
+                         [(16, 6, 2, 4, 2), (32, 20, 2, 4, 2), (64, 37, 2, 4, 2), (128, 37, 2, 4, 2), (24, 6, 2, 4, 2),
+                          (64, 37, 1, 3, 1), (24, 6, 1, 3, 1)])
 def test_rms_norm_and_decode_attention_kernels_match_torch(dtype, head_dim, pos, bsz, n_heads, n_kv_heads):
     gen = torch.Generator().manual_seed(2)
     x, weight = torch.randn(3, 5, 80, generator=gen).to(dtype), torch.rand(80, generator=gen).to(dtype)
