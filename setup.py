@@ -11,7 +11,7 @@ setup(
     version="0.1.0",
     description="Inference for Meta's Llama 2 checkpoints: Meta-compatible API, runs on CPU, CUDA and MPS",
     packages=find_packages(include=["llama", "llama.*"]),
-    package_data={"llama": ["cpu_kernels.cpp"]},  # compiled on first use, see llama/cpu_kernels.py
+    package_data={"llama.kernels": ["cpu.cpp"]},  # compiled on first use, see llama/kernels/cpu.py
     python_requires=">=3.9",
     install_requires=requirements(),
     extras_require={"test": ["pytest", "transformers>=5", "safetensors"]},

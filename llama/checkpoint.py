@@ -22,7 +22,7 @@ from typing import Callable, ContextManager, Dict, Iterable, List, Optional, Tup
 import fairscale.nn.model_parallel.layers as fs_layers
 import torch
 
-from llama.model import ModelArgs
+from llama.config import ModelArgs
 
 # Which dim of the full tensor each module's weight is split on across ranks; absent means replicated (norms).
 SPLIT_DIM = {
@@ -386,11 +386,6 @@ def split_state_dict(full: Dict[str, torch.Tensor], args: ModelArgs, world: int)
                 shard[key] = t.narrow(dim, start, stop - start)
         shards.append(shard)
     return shards
-
-
-def rope_freqs(args: ModelArgs) -> torch.Tensor:
-    """The `rope.freqs` entry Meta's files carry (no model reads it; written so our files match Meta's)."""
-    return 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2).float() / args.head_dim))
 
 
 def compact(t: torch.Tensor) -> torch.Tensor:

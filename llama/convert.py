@@ -13,7 +13,7 @@ from typing import Optional
 
 import fire
 
-from llama.checkpoint import QUANTIZATION_FILE, load_rank_state_dict, open_checkpoint, rope_freqs, save_checkpoint
+from llama.checkpoint import QUANTIZATION_FILE, load_rank_state_dict, open_checkpoint, save_checkpoint
 from llama.hf import HFCheckpoint, find_tokenizer, save_hf
 from llama.linear import QUANTIZE_MODES, check_int4_group_size, quantize_state_dict
 
@@ -24,7 +24,7 @@ def reshard(src: str, dst: str, model_parallel_size: int) -> None:
     source = open_checkpoint(src)
     args = source.model_args()
     args.check_model_parallel_size(model_parallel_size)
-    freqs = rope_freqs(args)
+    freqs = args.rotary_frequencies()  # the rope.freqs entry of Meta's files
     shards = ({**load_rank_state_dict(source, args, rank, model_parallel_size), "rope.freqs": freqs}
               for rank in range(model_parallel_size))
     save_checkpoint(dst, source.params, shards, find_tokenizer(src))
@@ -54,7 +54,7 @@ def quantize(src: str, dst: str, mode: str, group_size: int = 128) -> None:
     args = source.model_args()
     n_shards = 1 if isinstance(source, HFCheckpoint) else len(source.files)
     scheme = {"mode": mode, "group_size": group_size if mode == "int4" else None}
-    freqs = rope_freqs(args)
+    freqs = args.rotary_frequencies()  # the rope.freqs entry of Meta's files
     shards = ({**quantize_state_dict(load_rank_state_dict(source, args, rank, n_shards), scheme), "rope.freqs": freqs}
               for rank in range(n_shards))
     save_checkpoint(dst, source.params, shards, find_tokenizer(src), extra_json={QUANTIZATION_FILE: scheme})

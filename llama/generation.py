@@ -10,8 +10,11 @@ import torch.nn.functional as F
 from llama import runtime
 from llama.chat import UNSAFE_ERROR, Dialog, Message, encode_dialog, has_special_tags, validate_dialog
 from llama.checkpoint import load_rank_state_dict, module_name, no_fairscale_init, open_checkpoint, read_params
+from llama.config import ModelArgs
+from llama.kernels import cpu
+from llama.kernels.engine import CpuDecodeEngine
 from llama.linear import LINEAR_MODULES, linear_factory, load_prequantized, place_weights, read_quantization
-from llama.model import ModelArgs, Transformer, fuse_projection_keys
+from llama.model import Transformer, fuse_projection_keys
 from llama.tokenizer import Tokenizer
 
 
@@ -111,6 +114,8 @@ class Llama:
 
         rt = runtime.setup(model_parallel_size, device, dtype)
         args.check_model_parallel_size(rt.model_parallel_size)
+        if rt.device.type == "cpu":
+            cpu.register_kernels()  # the model's ops run this CPU's kernels from now on, where they build
         # Every rank seeds alike, so every rank samples the same tokens and the shards stay in step.
         torch.manual_seed(seed)
 
@@ -148,12 +153,27 @@ class Llama:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, compile: bool = False):
         self.model = model
         self.tokenizer = tokenizer
-        # The static decode step (a tensor position: fixed shapes, whole-cache attention) compiled once per batch
-        # size; on CUDA "reduce-overhead" replays it as one CUDA graph, so the host issues one launch per token.
-        self.decode_step = None
+        # How a decode step runs, chosen once here: compiled, with every row at its own position in a tensor and
+        # attention over the whole cache under a mask, so shapes never change and torch.compile captures the step
+        # once per batch size (on CUDA "reduce-overhead" replays it as one CUDA graph: one launch per token); else
+        # through the CPU decode engine where it takes the model; else the model's own forward.
+        self.compiled_step = None
+        self.engine = None
         if compile:
             cuda = model.tok_embeddings.weight.device.type == "cuda"
-            self.decode_step = torch.compile(model.forward, mode="reduce-overhead" if cuda else None, dynamic=False)
+            self.compiled_step = torch.compile(model.forward, mode="reduce-overhead" if cuda else None, dynamic=False)
+        else:
+            self.engine = CpuDecodeEngine.for_model(model)
+
+    def decode(self, tokens: torch.Tensor, start_pos: torch.Tensor, rows: Optional[torch.Tensor],
+               cache_len: int) -> torch.Tensor:
+        """One decode step, by the way chosen in __init__: tokens (B, 1) at positions start_pos (B,) in cache rows
+        `rows` (row b if None), every position below cache_len -> fp32 logits (B, 1, vocab_size)."""
+        if self.compiled_step is not None:
+            return self.compiled_step(tokens, start_pos, rows)
+        if self.engine is not None and tokens.shape[0] <= self.engine.max_batch:
+            return self.engine(tokens, start_pos, rows)
+        return self.model.forward(tokens, start_pos, rows, cache_len)
 
     def _check_generate_args(self, prompt_tokens, max_gen_len, temperature, top_p) -> None:
         params = self.model.params
@@ -190,64 +210,78 @@ class Llama:
         echo: bool = False,
     ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
         """Continue each prompt; returns generated ids per prompt (prompt included with echo) cut at the first
-        generated EOS, and each token's log-probability when asked (the first prompt token has none: 0.0)."""
+        generated EOS, and each token's log-probability when asked (the first prompt token has none: 0.0).
+
+        Every prompt is prefilled whole (padded to the longest), then each row decodes at its own position until
+        its EOS or its length, and a finished row leaves the batch (on accelerators at the next EOS check; the
+        compiled step keeps its batch, so finished rows repeat their last position there).
+        """
         self._check_generate_args(prompt_tokens, max_gen_len, temperature, top_p)
         pad_id, eos_id = self.tokenizer.pad_id, self.tokenizer.eos_id
         device = self.model.tok_embeddings.weight.device
         bsz = len(prompt_tokens)
         prompt_lens = [len(t) for t in prompt_tokens]
-        min_prompt_len, max_prompt_len = min(prompt_lens), max(prompt_lens)
-        total_len = min(self.model.params.max_seq_len, max_gen_len + max_prompt_len)
+        ends = [min(self.model.params.max_seq_len, n + max_gen_len) for n in prompt_lens]  # each row's last length
+        total_len, prompt_len = max(ends), max(prompt_lens)
 
-        tokens = torch.full((bsz, total_len), pad_id, dtype=torch.long, device=device)
+        tokens = torch.zeros((bsz, total_len), dtype=torch.long, device=device)  # 0 (unk) pads the prefill
         for i, t in enumerate(prompt_tokens):
             tokens[i, : len(t)] = torch.tensor(t, dtype=torch.long, device=device)
-        is_prompt = tokens != pad_id
         all_logprobs = torch.zeros((bsz, total_len), dtype=torch.float, device=device) if logprobs else None
-        eos_reached = torch.zeros(bsz, dtype=torch.bool, device=device)
+        position = torch.tensor(prompt_lens, device=device)  # each row's next position to fill
+        end = torch.tensor(ends, device=device)
+        live = position < end  # rows still generating
+        last_position = list(prompt_lens)  # a bound on each row's position kept on the host: no device reads
 
-        if logprobs and min_prompt_len == total_len:  # nothing to generate, but the prompts' logprobs are asked for
-            logits = self.model.forward(tokens, 0)
-            all_logprobs[:, 1:] = token_logprobs(logits[:, :-1], tokens[:, 1:], pad_id)
-
-        # The common prefix of all prompts is fed at once; then one position per step, where rows still inside
-        # their prompt take the prompt's token instead of the sampled one.
-        prev_pos = 0
-        position = None  # the compiled step's position, a device tensor advanced in place: no host-device copy
-        for cur_pos in range(min_prompt_len, total_len):
-            if self.decode_step is not None and cur_pos - prev_pos == 1:
-                if position is None:
-                    position = torch.tensor(prev_pos, device=device)
-                logits = self.decode_step(tokens[:, prev_pos:cur_pos].contiguous(), position)
-                position += 1
-            else:
-                logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos)
-            next_token = sample_next(logits[:, -1], temperature, top_p)
-            next_token = torch.where(is_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
-            tokens[:, cur_pos] = next_token
+        logits = self.model.forward(tokens[:, :prompt_len], 0)
+        if logprobs:
+            all_logprobs[:, 1:prompt_len] = token_logprobs(logits[:, :-1], tokens[:, 1:prompt_len], pad_id)
+        batch = [i for i in range(bsz) if prompt_lens[i] < ends[i]]
+        if self.compiled_step is not None:
+            batch = list(range(bsz))  # fixed shapes
+        batch_rows = torch.tensor(batch, dtype=torch.long, device=device)
+        last = logits[batch_rows, position[batch_rows] - 1]  # (A, V): each row's logits for its next token
+        step = 0
+        while batch and any(last_position[i] < ends[i] for i in batch):
+            next_token = sample_next(last, temperature, top_p)
+            at = position[batch_rows]
+            writing = live[batch_rows]
+            slot = at.clamp(max=total_len - 1)  # rows that are done write their last token back
+            tokens[batch_rows, slot] = torch.where(writing, next_token, tokens[batch_rows, slot])
             if logprobs:
-                all_logprobs[:, prev_pos + 1 : cur_pos + 1] = token_logprobs(
-                    logits, tokens[:, prev_pos + 1 : cur_pos + 1], pad_id
-                )
-            eos_reached |= ~is_prompt[:, cur_pos] & (next_token == eos_id)
-            prev_pos = cur_pos
-            # Reading the flag waits for the device; on a GPU do it every few steps so decoding never stalls on it
-            # (the extra steps' tokens fall after an EOS and are cut below).
-            if (device.type == "cpu" or cur_pos % EOS_CHECK_INTERVAL == 0) and eos_reached.all():
+                new = token_logprobs(last[:, None], next_token[:, None], pad_id)[:, 0]
+                all_logprobs[batch_rows, slot] = torch.where(writing, new, all_logprobs[batch_rows, slot])
+            position[batch_rows] = at + writing
+            live[batch_rows] = writing & (next_token != eos_id) & (position[batch_rows] < end[batch_rows])
+            for i in batch:
+                last_position[i] = min(last_position[i] + 1, ends[i])
+            step += 1
+            # Reading `live` waits for the device; on accelerators do it every few steps so decoding never stalls
+            # on it (rows that finished meanwhile only rewrite their last position).
+            if device.type == "cpu" or step % EOS_CHECK_INTERVAL == 0:
+                still = live.tolist()
+                if not any(still):
+                    break
+                if self.compiled_step is None and not all(still[i] for i in batch):
+                    batch = [i for i in batch if still[i]]
+                    batch_rows = torch.tensor(batch, dtype=torch.long, device=device)
+            if not any(last_position[i] < ends[i] for i in batch):
                 break
+            start = position[batch_rows] - 1  # each row's newest token goes in
+            rows = None if batch == list(range(len(batch))) else batch_rows
+            cache_len = max(last_position[i] for i in batch)
+            last = self.decode(tokens[batch_rows, start][:, None], start, rows, cache_len)[:, -1]
 
         out_tokens, out_logprobs = [], []
         token_rows = tokens.tolist()
         logprob_rows = all_logprobs.tolist() if logprobs else None
         for i, prompt_len in enumerate(prompt_lens):
             start = 0 if echo else prompt_len
-            end = min(prompt_len + max_gen_len, total_len)
-            generated = token_rows[i][prompt_len:end]
-            if eos_id in generated:  # cut at the first EOS the model produced, never at one inside the prompt
-                end = prompt_len + generated.index(eos_id)
-            out_tokens.append(token_rows[i][start:end])
+            generated = token_rows[i][prompt_len : ends[i]]
+            stop = prompt_len + generated.index(eos_id) if eos_id in generated else ends[i]  # a generated EOS only
+            out_tokens.append(token_rows[i][start:stop])
             if logprobs:
-                out_logprobs.append(logprob_rows[i][start:end])
+                out_logprobs.append(logprob_rows[i][start:stop])
         return out_tokens, (out_logprobs if logprobs else None)
 
     def text_completion(

@@ -20,7 +20,7 @@ from llama.checkpoint import (
     Checkpoint, Piece, atomic_directory, check_shapes, compact, full_shapes, load_rank_state_dict, load_shard,
     module_name, open_checkpoint,
 )
-from llama.model import ModelArgs
+from llama.config import ModelArgs
 from llama.tokenizer import Tokenizer
 
 # Meta key -> HF name; "{}" stands for the layer index.

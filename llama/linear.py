@@ -14,7 +14,7 @@ from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallel
 from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_region, reduce_from_model_parallel_region
 from torch import nn
 
-from llama import cpu_kernels
+from llama.kernels import cpu
 from llama.checkpoint import (QUANTIZATION_FILE, SPLIT_DIM, find_shards, load_shard, module_name,
                               release_freed_host_memory)
 from llama.model import FUSED_PROJECTIONS
@@ -75,9 +75,9 @@ class Scratch:
 
 class CpuLinear(ParallelLinear):
     """A CPU linear whose weight stays a plain tensor: bf16 (N, K); int8 (N, K) with per-row scales; or int4 codes
-    (N, K / 2) in the kernel's order (`cpu_kernels.pack_int4`) with a scale and a zero per int4_group weights.
+    (N, K / 2) in the kernel's order (`cpu.pack_int4`) with a scale and a zero per int4_group weights.
 
-    Up to cpu_kernels.max_rows() rows of input (a decode step) go through the streaming kernel of cpu_kernels.cpp,
+    Up to cpu.max_rows() rows of input (a decode step) go through the streaming kernel of kernels/cpu.cpp,
     which reads each weight once at memory bandwidth. More rows (a prompt) are multiplied by PyTorch's GEMM from
     the weight widened a block of rows at a time into the shared scratch: to fp32 on CPUs without native bf16 math
     (where oneDNN's emulated bf16 is several times slower than sgemm), else to the activations' dtype.
@@ -92,11 +92,8 @@ class CpuLinear(ParallelLinear):
         self.register_buffer("scales", scales)
         self.int4_group = int4_group
         self.scratch = scratch
-        self.kernel_rows = cpu_kernels.max_rows()
+        self.kernel_rows = cpu.max_rows()
         self.native_bf16 = cpu_has_native_bf16()
-        # cpu_kernels.decode_layers may run a decode step's blocks in one call with this weight and scales; not
-        # when a collective must follow the matmul (model parallel), which that call does not do
-        self.in_decode_kernel = self.collective is None
 
     def widened(self, first: int, last: int, dtype: torch.dtype) -> torch.Tensor:
         """Weight rows first..last-1 as dtype, dequantized."""
@@ -104,7 +101,7 @@ class CpuLinear(ParallelLinear):
         if self.scales is None and rows.dtype == dtype:
             return rows
         if self.int4_group:  # (code - 8) * scale + zero, group by group
-            out = self.scratch.get((rows.shape[0], self.in_features), dtype).copy_(cpu_kernels.unpack_int4(rows))
+            out = self.scratch.get((rows.shape[0], self.in_features), dtype).copy_(cpu.unpack_int4(rows))
             scales, zeros = self.scales[first:last].unsqueeze(-1).unbind(-2)  # (rows, K / G, 1) each
             out.view(rows.shape[0], -1, self.int4_group).sub_(8).mul_(scales).add_(zeros)
             return out
@@ -113,8 +110,7 @@ class CpuLinear(ParallelLinear):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() // x.shape[-1] <= self.kernel_rows:
-            kernel = cpu_kernels.matmul_op if torch.compiler.is_compiling() else cpu_kernels.matmul
-            return kernel(x, self.weight, self.scales, self.int4_group)
+            return torch.ops.llama.cpu_matmul(x, self.weight, self.scales, self.int4_group)
         dtype = x.dtype if self.native_bf16 else torch.float32
         xw = x.to(dtype)
         step = max(1, Scratch.BLOCK_NUMEL // self.in_features)
@@ -150,7 +146,7 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> Tuple[torch.Tensor, 
 class Int8Linear(ParallelLinear):
     """Weight-only int8: half the bytes of bf16 per weight, so decoding reads half as much. Activations stay in
     the model dtype; PyTorch's MPS (and CPU) kernel dequantizes inside the matmul. On the CPU, `int8_linear` picks
-    CpuLinear instead wherever cpu_kernels builds."""
+    CpuLinear instead wherever the CPU kernels build."""
 
     def __init__(self, layer: nn.Module, world_size: int, q: torch.Tensor, scales: torch.Tensor):
         """q: (N, K) int8 and scales: (N,) in the model dtype, on the device."""
@@ -169,19 +165,19 @@ class Int8Linear(ParallelLinear):
 def int8_linear(layer: nn.Module, world_size: int, q: torch.Tensor, scales: torch.Tensor,
                 scratch: Scratch) -> ParallelLinear:
     """The int8 linear for q's device: our streaming kernel on the CPU where it builds, else PyTorch's kernels."""
-    if q.device.type == "cpu" and cpu_kernels.available():
-        # Huge pages made int8 decoding ~9% faster (1.1B shape; bf16 weights gained nothing). q is always a fresh
-        # tensor (quantized here, or joined from a file's parts), so moving it costs no memory.
-        return CpuLinear(layer, world_size, cpu_kernels.huge_page_copy(q), scales, scratch)
+    if q.device.type == "cpu" and cpu.available():
+        # Huge pages speed up int8 decoding (see docs/performance.md; bf16 weights gained nothing). q is always a
+        # fresh tensor (quantized here, or joined from a file's parts), so moving it costs no memory.
+        return CpuLinear(layer, world_size, cpu.huge_page_copy(q), scales, scratch)
     return Int8Linear(layer, world_size, q, scales)
 
 
 def int4_linear(layer: nn.Module, world_size: int, q: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
                 scratch: Scratch) -> ParallelLinear:
     """The int4 linear for q's device: our streaming kernel on the CPU where it builds and takes the layer's shape
-    (`cpu_kernels.int4_fits`), else PyTorch's kernels."""
-    if q.device.type == "cpu" and cpu_kernels.int4_fits(q.shape[1], group_size):
-        packed = cpu_kernels.huge_page_copy(cpu_kernels.pack_int4(q))  # fresh, as int8_linear's q
+    (`cpu.int4_fits`), else PyTorch's kernels."""
+    if q.device.type == "cpu" and cpu.int4_fits(q.shape[1], group_size):
+        packed = cpu.huge_page_copy(cpu.pack_int4(q))  # fresh, as int8_linear's q
         return CpuLinear(layer, world_size, packed, scales_and_zeros.transpose(0, 1).contiguous(), scratch, group_size)
     return Int4Linear(layer, world_size, q, scales_and_zeros, group_size)
 
@@ -280,7 +276,7 @@ def linear_factory(
             return int4_linear(layer, world_size, q, scales_and_zeros.to(dtype), group_size, scratch)
 
         return make_int4
-    if device.type == "cpu" and dtype == torch.bfloat16 and cpu_kernels.available():
+    if device.type == "cpu" and dtype == torch.bfloat16 and cpu.available():
         return lambda name, layer: CpuLinear(layer, world_size, weight(layer), None, scratch)
     return None
 

@@ -15,8 +15,8 @@ import fire
 import sentencepiece as spm
 import torch
 
-from llama.checkpoint import rope_freqs, save_checkpoint, split_state_dict
-from llama.model import ModelArgs
+from llama.checkpoint import save_checkpoint, split_state_dict
+from llama.config import ModelArgs
 from llama.runtime import DTYPES
 
 CONFIGS = {
@@ -115,7 +115,7 @@ def make_checkpoint(ckpt_dir: str, params: dict, vocab_size: int, n_shards: int 
     full = random_state_dict(args, seed, dtype)
     shards = split_state_dict(full, args, n_shards)
     for shard in shards:
-        shard["rope.freqs"] = rope_freqs(args)
+        shard["rope.freqs"] = args.rotary_frequencies()
     save_checkpoint(ckpt_dir, params, shards)
 
 

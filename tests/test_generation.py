@@ -6,7 +6,8 @@ import shutil
 import pytest
 import torch
 
-from llama import Llama, cpu_kernels
+from llama import Llama
+from llama.kernels import cpu
 from llama.generation import sample_top_p
 from llama.linear import CpuLinear
 
@@ -18,6 +19,22 @@ def test_batch_of_different_lengths_matches_each_prompt_alone(build):
     alone = [generator.generate([p], max_gen_len=12, temperature=0)[0][0] for p in prompts]
     assert batched == alone
     assert all(len(t) == 12 for t in batched)  # random weights rarely emit EOS; if they did, this shows it
+
+
+def test_prefill_runs_every_prompt_whole_and_finished_rows_leave_the_batch(build, monkeypatch):
+    """One forward over all prompts (padded to the longest), then one-token steps in which each row stops as soon
+    as it is done: here rows of 2, 6 and 9 new tokens (max_seq_len cuts the first two), so after the prefill (which
+    gives each row's first token) the steps hold 3 rows once, then 2 rows 4 times, then 1 row 3 times."""
+    generator = build("mha", max_seq_len=16)
+    prompts = [[1, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52], [1, 50, 51, 52, 53, 54, 55, 56, 57, 58],
+               [1, 60, 61, 62]]
+    calls, forward = [], generator.model.forward
+    monkeypatch.setattr(generator.model, "forward", lambda tokens, *args, **kwargs: calls.append(
+        tuple(tokens.shape)) or forward(tokens, *args, **kwargs))
+    monkeypatch.setattr(generator, "engine", None)
+    out, _ = generator.generate(prompts, max_gen_len=9, temperature=0)
+    assert [len(t) for t in out] == [2, 6, 9]  # no EOS among them
+    assert calls == [(3, 14)] + [(3, 1)] + [(2, 1)] * 4 + [(1, 1)] * 3
 
 
 def test_greedy_tokens_are_argmax_of_full_forward(build):
@@ -182,7 +199,7 @@ def test_compiled_decode_matches_eager(build):
     assert torch.allclose(torch.tensor(logprobs_c), torch.tensor(logprobs), atol=1e-5)
 
 
-@pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler for cpu_kernels")
+@pytest.mark.skipif(not cpu.available(), reason="no C++ compiler for the CPU kernels")
 @pytest.mark.parametrize("config,quantize", [("gqa", None), ("mha", "int4")])
 def test_compiled_bf16_step_runs_the_cpu_kernel(build, config, quantize):
     """In bf16 the compiled step calls our CPU kernel (bf16, or int4 in groups of 64) as a torch operator; its logits
@@ -195,5 +212,5 @@ def test_compiled_bf16_step_runs_the_cpu_kernel(build, config, quantize):
     with torch.inference_mode():
         eager.model.forward(tokens[:, :8], 0)
         expected = eager.model.forward(tokens[:, 8:], 8)
-        got = compiled.decode_step(tokens[:, 8:], torch.tensor(8))
+        got = compiled.compiled_step(tokens[:, 8:], torch.tensor([8, 8]))
     assert (got - expected).abs().max() < 0.02 * expected.abs().max()

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from llama.checkpoint import load_shard
-from llama.model import ModelArgs, apply_rotary, causal_mask, rotary_angles
+from llama.config import ModelArgs
+from llama.model import rotary_angles
+from llama.ops import apply_rotary
 
 transformers = pytest.importorskip("transformers")
 
@@ -81,26 +83,79 @@ def test_cached_decoding_equals_full_forward(build, config):
 
 @pytest.mark.parametrize("config", ["mha", "gqa"])
 def test_static_decode_step_equals_cached_forward(build, config):
-    """A tensor start_pos (the compiled path's step: whole-cache attention under a mask) gives the same logits."""
+    """Positions as a tensor (the compiled path's step: whole-cache attention under a mask) give the same logits."""
     model = build(config).model
     tokens = torch.randint(3, 500, (3, 20), generator=torch.Generator().manual_seed(6))
     with torch.inference_mode():
         full = model.forward(tokens, 0)
         model.forward(tokens[:, :12], 0)
-        steps = [model.forward(tokens[:, p : p + 1], torch.tensor(p)) for p in range(12, 20)]
-        with pytest.raises(ValueError, match="static decode step .* takes one position, got 2"):
+        steps = [model.forward(tokens[:, p : p + 1], torch.full((3,), p)) for p in range(12, 20)]
+        with pytest.raises(ValueError, match="one value per row"):
             model.forward(tokens[:, :2], torch.tensor(0))
+        with pytest.raises(ValueError, match="positions 60..65 do not fit the cache of max_seq_len=64"):
+            model.forward(tokens[:, :6], 60)
     assert torch.allclose(torch.cat(steps, dim=1), full[:, 12:], atol=1e-5, rtol=0)
 
 
-def test_causal_mask_with_cache_offset():
-    mask = causal_mask(seqlen=2, start_pos=3, device=torch.device("cpu"))
-    assert mask.tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
+def alone(model, tokens: list) -> torch.Tensor:
+    """Logits of one sequence fed whole to a fresh row 0: (len, vocab)."""
+    return model.forward(torch.tensor([tokens]), 0)[0]
+
+
+@pytest.mark.parametrize("config", ["mha", "gqa"])
+def test_rows_at_their_own_positions_match_each_sequence_alone(build, config):
+    """Prompts of different lengths prefilled together (padded to the longest), then decoded with every row at its
+    own position: each row's logits are those it gets alone."""
+    model = build(config).model
+    gen = torch.Generator().manual_seed(7)
+    lengths = [9, 3, 14]
+    sequences = [torch.randint(3, 500, (n + 5,), generator=gen).tolist() for n in lengths]
+    with torch.inference_mode():
+        expected = [alone(model, seq) for seq in sequences]
+        padded = torch.zeros(3, max(lengths), dtype=torch.long)
+        for i, n in enumerate(lengths):
+            padded[i, :n] = torch.tensor(sequences[i][:n])
+        prefill = model.forward(padded, 0)
+        for i, n in enumerate(lengths):
+            torch.testing.assert_close(prefill[i, :n], expected[i][:n], rtol=0, atol=1e-5)
+        for step in range(5):
+            start = torch.tensor([n + step for n in lengths])
+            tokens = torch.tensor([[seq[n + step]] for seq, n in zip(sequences, lengths)])
+            logits = model.forward(tokens, start, cache_len=int(start.max()) + 1)
+            for i, n in enumerate(lengths):
+                torch.testing.assert_close(logits[i, 0], expected[i][n + step], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", ["mha", "gqa"])
+def test_a_row_reset_and_refilled_mid_batch_decodes_as_if_alone(build, config):
+    """While rows 0 and 2 decode, row 1 takes a new prompt (prefilled into its cache row alone), then all three
+    decode together, and a finished row can simply be left out of a step."""
+    model = build(config).model
+    gen = torch.Generator().manual_seed(8)
+    first = [torch.randint(3, 500, (12,), generator=gen).tolist() for _ in range(3)]
+    refill = torch.randint(3, 500, (10,), generator=gen).tolist()
+    with torch.inference_mode():
+        expected = [alone(model, first[0]), alone(model, refill), alone(model, first[2])]
+        model.forward(torch.tensor([seq[:6] for seq in first]), 0)
+        model.forward(torch.tensor([[seq[6]] for seq in first]), 6)
+        refilled = model.forward(torch.tensor([refill[:4]]), 0, rows=torch.tensor([1]))
+        torch.testing.assert_close(refilled[0], expected[1][:4], rtol=0, atol=1e-5)
+        for step in range(5):
+            start = torch.tensor([7 + step, 4 + step, 7 + step])
+            tokens = torch.tensor([[first[0][7 + step]], [refill[4 + step]], [first[2][7 + step]]])
+            logits = model.forward(tokens, start)
+            for i in range(3):
+                torch.testing.assert_close(logits[i, 0], expected[i][int(start[i])], rtol=0, atol=1e-5)
+        # row 0 finished: rows 2 and 1 go on without it, in that order
+        logits = model.forward(torch.tensor([[first[2][12 - 1]], [refill[9]]]), torch.tensor([11, 9]),
+                               rows=torch.tensor([2, 1]))
+    torch.testing.assert_close(logits[0, 0], expected[2][11], rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits[1, 0], expected[1][9], rtol=0, atol=1e-5)
 
 
 def test_rotary_stays_fp32_for_bf16_inputs():
-    rotation = rotary_angles(torch.arange(4000, 4002), head_dim=8, theta=10000.0)
-    assert rotation.dtype == torch.complex64 and rotation.shape == (2, 4)
+    rotation = rotary_angles(torch.arange(4000, 4002)[None], ModelArgs(dim=8, n_heads=1).rotary_frequencies())
+    assert rotation.dtype == torch.float32 and rotation.shape == (1, 2, 4, 2)
     x = torch.randn(1, 2, 1, 8)
     ref = apply_rotary(x, rotation)
     # Position 4000 in bf16 would round to 4000 +- 16: the angles must not be computed in the input's dtype.

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from llama import cpu_kernels
+from llama.kernels import cpu
 from llama.linear import (CpuLinear, Int4Linear, Int8Linear, Scratch, int4_linear, linear_factory, quantize_int4,
                           quantize_int8, supported_quantize_modes)
 from llama.model import column_parallel
@@ -56,8 +56,8 @@ def test_int4_round_trip_is_within_half_a_step():
 
 
 # on the CPU, int8 runs on our streaming kernel wherever it builds, int4 where the kernel takes the group size too
-LINEAR_CLASS = {"int8": CpuLinear if cpu_kernels.available() else Int8Linear,
-                "int4/32": Int4Linear, "int4/64": CpuLinear if cpu_kernels.available() else Int4Linear}
+LINEAR_CLASS = {"int8": CpuLinear if cpu.available() else Int8Linear,
+                "int4/32": Int4Linear, "int4/64": CpuLinear if cpu.available() else Int4Linear}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -80,7 +80,7 @@ def test_quantized_linears_compute_their_dequantized_weights(dtype):
         assert out.shape == (2, 3, 64) and (out.float() - reference).abs().max() <= tol * reference.abs().max()
 
 
-@pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler for cpu_kernels")
+@pytest.mark.skipif(not cpu.available(), reason="no C++ compiler for the CPU kernels")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int4_cpu_kernel_linear_matches_pytorch_int4(dtype):
     """Our int4 linear (decode rows on the streaming kernel, a prompt's on the GEMM from dequantized blocks) and
@@ -138,11 +138,11 @@ def test_quantized_generation_api_is_unchanged(build):
 
 
 def test_bad_quantize_arguments(build, tiny_dir, tokenizer_path):
-    cpu = torch.device("cpu")
+    host = torch.device("cpu")
     with pytest.raises(ValueError, match="unknown quantize mode 'int3'; valid modes: int8, int4"):
-        linear_factory(cpu, torch.float32, 1, quantize="int3")
+        linear_factory(host, torch.float32, 1, quantize="int3")
     with pytest.raises(ValueError, match="group_size must be one of"):
-        linear_factory(cpu, torch.float32, 1, quantize="int4", group_size=48)
+        linear_factory(host, torch.float32, 1, quantize="int4", group_size=48)
     with pytest.raises(ValueError, match="group_size=128 does not divide layers.0.attention.wqkv's 64 input features"):
         build("mha", quantize="int4", group_size=128)
     assert supported_quantize_modes(torch.device("mps"), torch.float16) == ("int8",)

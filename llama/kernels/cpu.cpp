@@ -1,4 +1,5 @@
-// CPU kernels for decoding, built and loaded by cpu_kernels.py.
+// CPU kernels for decoding, built and loaded by cpu.py; the declarations after `extern "C"` are the only ones: cpu.py
+// reads them to declare each entry point and struct to ctypes.
 //
 // - Matmuls y (M, N) = x (M, K) @ W (N, K)^T for a few rows M (the batch of one decode step), with W in bf16, in
 //   int8 with one scale per output row, or in int4 with a scale and a zero per group of a row (see Nibbles; int4
@@ -10,14 +11,14 @@
 //   block's largest activation, far below the int8 weights' own (2^-8 of the row's largest weight).
 // - RMSNorm and a decode step's attention, which PyTorch spreads over a dozen ops whose dispatch costs more than the
 //   arithmetic. Attention runs the query heads that share a KV head together, so each reads the cache once; on
-//   AVX-512 it scores 16 positions per pass and takes exp in vectors. At position 1000 of the 1.1B shape that is
-//   ~10x faster than a reduction and an expf per score and head: a 1.1B int8 decode step at position 2000 takes
-//   61 ms, not 82.
-// - A whole decode step through all Transformer blocks in one call, on one process: the Python around each of
-//   these ops costs as much as the ops themselves for small models.
+//   AVX-512 it scores 16 positions per pass and takes exp in vectors. Every sequence has its own position and its
+//   own row of the caches.
+// - A whole decode step through all Transformer blocks in one call, on one process (the CPU decode engine): the
+//   Python around each of these ops costs as much as the ops themselves for small models.
 //
 // Activations are bf16 or fp32 (`act_bf16`; every activation, norm weight and int8 or int4 scale of a call has that
-// dtype); all sums are fp32 (or exact int32 within a QBLOCK or an int4 group).
+// dtype); all sums are fp32 (or exact int32 within a QBLOCK or an int4 group). Entry points that can fail return
+// an error message, or null.
 
 #include <algorithm>
 #include <cmath>
@@ -353,12 +354,11 @@ void convert_activations(const void* x, bool act_bf16, long M, long K, long grou
     }
 }
 
-// y (M, N) = x (M, K) W^T for the weight type T (int4: with K a multiple of 64 and of `group`, a divisor of QBLOCK).
-// Returns 0, or 1 when M is outside 1..MAX_ROWS.
+// y (M, N) = x (M, K) W^T for the weight type T (int4: with K a multiple of 64 and of `group`, a divisor of QBLOCK),
+// M in 1..MAX_ROWS.
 template <typename T>
-int matmul(const void* x, const T* w, const void* scales, void* y, int act_bf16, long M, long N, long K,
+void matmul(const void* x, const T* w, const void* scales, void* y, int act_bf16, long M, long N, long K,
            long group = 0) {
-    if (M < 1 || M > MAX_ROWS) return 1;
     thread_local Activations a;  // kept between calls: allocating and zeroing it each time costs as much as filling it
     convert_activations<T>(x, act_bf16, M, K, group, a);
     switch (M) {
@@ -371,13 +371,12 @@ int matmul(const void* x, const T* w, const void* scales, void* y, int act_bf16,
         case 7: matmul_rows<7, T>(a, w, scales, y, act_bf16, N, K); break;
         default: matmul_rows<8, T>(a, w, scales, y, act_bf16, N, K); break;
     }
-    return 0;
 }
 
 // A layer's linear: weight (N, K) bf16 when scales is null; else int8 with scales (N,) when int4_group is 0, else
 // int4 (Nibbles) with scales and zeros (N, K / int4_group, 2).
-int linear(const void* x, const void* w, const void* scales, long int4_group, void* y, int act_bf16, long M, long N,
-           long K) {
+void linear(const void* x, const void* w, const void* scales, long int4_group, void* y, int act_bf16, long M, long N,
+            long K) {
     if (scales == nullptr) return matmul(x, static_cast<const uint16_t*>(w), nullptr, y, act_bf16, M, N, K);
     if (int4_group == 0) return matmul(x, static_cast<const int8_t*>(w), scales, y, act_bf16, M, N, K);
     return matmul(x, static_cast<const Nibbles*>(w), scales, y, act_bf16, M, N, K, int4_group);
@@ -518,6 +517,39 @@ void attend(const float* queries, long heads, const A* keys, const A* values, lo
 
 extern "C" {
 
+// One Transformer block's tensors as llama_decode_layers reads them; scales are null for bf16 weights. wqkv's rows
+// are wq's, wk's, wv's; w13's are w1's (hidden of them), then w3's. Caches are (max_batch, n_kv_heads, max_seq_len,
+// head_dim) in the activation dtype.
+struct LayerTensors {
+    const void* attention_norm;
+    const void* wqkv;
+    const void* wqkv_scales;
+    const void* wo;
+    const void* wo_scales;
+    const void* ffn_norm;
+    const void* w13;
+    const void* w13_scales;
+    const void* w2;
+    const void* w2_scales;
+    void* cache_k;
+    void* cache_v;
+};
+
+// The sizes shared by every block of a model (on this process).
+struct ModelShape {
+    long n_layers;
+    long dim;
+    long n_heads;
+    long n_kv_heads;
+    long head_dim;
+    long hidden;
+    long max_batch;
+    long max_seq_len;
+    long int4_group;
+    float eps;
+    int act_bf16;
+};
+
 long llama_max_rows() { return MAX_ROWS; }
 
 // Whether the int4 kernel takes K input features in groups of `group`.
@@ -527,21 +559,27 @@ int llama_int4_fits(long K, long group) {
 
 int llama_vectorized() { return vector_width<uint16_t>() > 1; }
 
-// Returns 0, or 1 when M is outside 1..llama_max_rows().
-int llama_matmul_bf16(const void* x, const uint16_t* w, void* y, int act_bf16, long M, long N, long K) {
-    return matmul<uint16_t>(x, w, nullptr, y, act_bf16, M, N, K);
+const char* llama_matmul_bf16(const void* x, const uint16_t* w, void* y, int act_bf16, long M, long N, long K) {
+    if (M < 1 || M > MAX_ROWS) return "matmul: the kernel takes 1 to 8 rows";
+    matmul<uint16_t>(x, w, nullptr, y, act_bf16, M, N, K);
+    return nullptr;
 }
 
-int llama_matmul_int8(const void* x, const int8_t* w, const void* scales, void* y, int act_bf16, long M, long N,
-                      long K) {
-    return matmul<int8_t>(x, w, scales, y, act_bf16, M, N, K);
+const char* llama_matmul_int8(const void* x, const int8_t* w, const void* scales, void* y, int act_bf16, long M,
+                              long N, long K) {
+    if (M < 1 || M > MAX_ROWS) return "matmul: the kernel takes 1 to 8 rows";
+    matmul<int8_t>(x, w, scales, y, act_bf16, M, N, K);
+    return nullptr;
 }
 
-// int4 weights as Nibbles describes; returns 2 when K is not a multiple of 64 and of group, or QBLOCK of group.
-int llama_matmul_int4(const void* x, const uint8_t* w, const void* scales_zeros, void* y, int act_bf16, long M,
-                      long N, long K, long group) {
-    if (!llama_int4_fits(K, group)) return 2;
-    return matmul(x, reinterpret_cast<const Nibbles*>(w), scales_zeros, y, act_bf16, M, N, K, group);
+// int4 weights as Nibbles describes.
+const char* llama_matmul_int4(const void* x, const uint8_t* w, const void* scales_zeros, void* y, int act_bf16,
+                              long M, long N, long K, long group) {
+    if (M < 1 || M > MAX_ROWS) return "matmul: the kernel takes 1 to 8 rows";
+    if (!llama_int4_fits(K, group))
+        return "matmul: int4 groups must be 64, 128 or 256 wide, over a multiple of 64 input features";
+    matmul(x, reinterpret_cast<const Nibbles*>(w), scales_zeros, y, act_bf16, M, N, K, group);
+    return nullptr;
 }
 
 // y (M, K) = x / sqrt(mean(x^2) + eps) * weight, row by row, rounded once.
@@ -559,92 +597,102 @@ void llama_rms_norm(const void* x, const void* weight, void* y, int act_bf16, lo
     }
 }
 
-// One decode step of attention at position `pos` for B sequences. qkv (B, (H + 2 H_kv) D) holds each row's query
-// heads, then key heads, then value heads (wqkv's output); caches are (B_max, H_kv, T_max, D). Rotates q and k by
-// rotation (D / 2 pairs of cos, sin, fp32) as interleaved pairs, rounds them to the activation dtype as the model's
-// tensors would be, writes k and v at `pos`, and attends each query head h over positions 0..pos of KV head
-// h / (H / H_kv), writing out (B, H D). Everything but the stored values is fp32.
-void llama_decode_attention(const void* qkv, void* cache_k, void* cache_v, const float* rotation, void* out,
-                            int act_bf16, long B, long H, long H_kv, long D, long T_max, long pos) {
+// One decode step of attention for B sequences, sequence b at position positions[b] in row rows[b] of the caches
+// (row b when rows is null). qkv (B, (H + 2 H_kv) D) holds each sequence's query heads, then key heads, then value
+// heads (wqkv's output); caches are (max_batch, H_kv, T_max, D). Rotates q and k by rotation (B, D / 2 pairs of cos,
+// sin, fp32) as interleaved pairs, rounds them to the activation dtype as the model's tensors would be, writes k and
+// v at the sequence's position, and attends each query head h over positions 0..position of KV head h / (H / H_kv),
+// writing out (B, H D). Everything but the stored values is fp32.
+const char* llama_decode_attention(const void* qkv, void* cache_k, void* cache_v, const float* rotation,
+                                   const long* positions, const long* rows, void* out, int act_bf16, long B, long H,
+                                   long H_kv, long D, long max_batch, long T_max) {
+    for (long b = 0; b < B; b++) {  // the caches are written through these: check them first
+        if (positions[b] < 0 || positions[b] >= T_max) return "decode attention: a position is outside the cache";
+        if (rows != nullptr && (rows[b] < 0 || rows[b] >= max_batch)) return "decode attention: a cache row is out of range";
+    }
+    if (rows == nullptr && B > max_batch) return "decode attention: more sequences than cache rows";
     const long row = (H + 2 * H_kv) * D, group = H / H_kv;
-    auto rotated = [&](long offset, long d) {  // element d of the rotated head at qkv[offset..], rounded
-        const float a = load_act(qkv, act_bf16, offset + (d & ~1L)), b = load_act(qkv, act_bf16, offset + (d | 1L));
-        const float c = rotation[d & ~1L], s = rotation[d | 1L];
-        const float v = (d & 1) ? a * s + b * c : a * c - b * s;
+    auto rotated = [&](long b, long offset, long d) {  // element d of the rotated head at qkv[offset..], rounded
+        const float a = load_act(qkv, act_bf16, offset + (d & ~1L)), c2 = load_act(qkv, act_bf16, offset + (d | 1L));
+        const float c = rotation[b * D + (d & ~1L)], s = rotation[b * D + (d | 1L)];
+        const float v = (d & 1) ? a * s + c2 * c : a * c - c2 * s;
         return act_bf16 ? bf16_to_float(float_to_bf16(v)) : v;
     };
-    for (long b = 0; b < B; b++)
+    auto cache_row = [&](long b) { return rows == nullptr ? b : rows[b]; };
+    long longest = 0;
+    for (long b = 0; b < B; b++) {
+        longest = std::max(longest, positions[b] + 1);
         for (long h = 0; h < H_kv; h++) {
-            const long slot = ((b * H_kv + h) * T_max + pos) * D;
+            const long slot = ((cache_row(b) * H_kv + h) * T_max + positions[b]) * D;
             for (long d = 0; d < D; d++) {
-                store_act(cache_k, act_bf16, slot + d, rotated(b * row + (H + h) * D, d));
+                store_act(cache_k, act_bf16, slot + d, rotated(b, b * row + (H + h) * D, d));
                 store_act(cache_v, act_bf16, slot + d, load_act(qkv, act_bf16, b * row + (H + H_kv + h) * D + d));
             }
         }
+    }
     // Work items: the query heads of one sequence's KV head, split in `parts` so that every thread has some.
     const long parts = std::min(group, std::max(1L, (max_threads() + B * H_kv - 1) / (B * H_kv)));
-#pragma omp parallel if (B * H * (pos + 1) * D >= (1 << 15))
+#pragma omp parallel if (B * H * longest * D >= (1 << 15))
     {
-        std::vector<float> queries(group * D), scores(group * (pos + 1)), acc(group * D);
+        std::vector<float> queries(group * D), scores(group * longest), acc(group * D);
 #pragma omp for schedule(static)
         for (long item = 0; item < B * H_kv * parts; item++) {
             const long b = item / (H_kv * parts), kv = item / parts % H_kv, part = item % parts;
             const long h0 = kv * group + part * group / parts, heads = kv * group + (part + 1) * group / parts - h0;
-            const long first = (b * H_kv + kv) * T_max * D;  // position 0 of this KV head
+            const long first = (cache_row(b) * H_kv + kv) * T_max * D;  // position 0 of this KV head
             for (long h = 0; h < heads; h++)
-                for (long d = 0; d < D; d++) queries[h * D + d] = rotated(b * row + (h0 + h) * D, d);
+                for (long d = 0; d < D; d++) queries[h * D + d] = rotated(b, b * row + (h0 + h) * D, d);
             if (act_bf16)
                 attend(queries.data(), heads, static_cast<const uint16_t*>(cache_k) + first,
-                       static_cast<const uint16_t*>(cache_v) + first, pos, D, scores.data(), acc.data());
+                       static_cast<const uint16_t*>(cache_v) + first, positions[b], D, scores.data(), acc.data());
             else
                 attend(queries.data(), heads, static_cast<const float*>(cache_k) + first,
-                       static_cast<const float*>(cache_v) + first, pos, D, scores.data(), acc.data());
+                       static_cast<const float*>(cache_v) + first, positions[b], D, scores.data(), acc.data());
             for (long i = 0; i < heads * D; i++) store_act(out, act_bf16, (b * H + h0) * D + i, acc[i]);
         }
     }
+    return nullptr;
 }
 
-// One decode step at position `pos` through n_layers Transformer blocks on one process, h (B, dim) updated in
-// place: for each block, h += wo(attention(rms_norm(h))), then h += w2(silu(w1 x) * w3 x) with x = rms_norm(h),
-// rounding where PyTorch's ops would (each op's output in the activation dtype). `tensors` holds LAYER_TENSORS
-// pointers per layer, in this order: attention_norm weight, wqkv weight and scales, wo weight and scales,
-// ffn_norm weight, w13 weight and scales, w2 weight and scales, cache_k, cache_v (scales null for bf16 weights;
-// int4 weights, in groups of int4_group when that is not 0, have their scales and zeros there, as linear() takes).
-// wqkv's rows are wq's, wk's, wv's; w13's are w1's (hidden of them), then w3's. Returns 0, or 1 when B is outside
-// 1..llama_max_rows().
-int llama_decode_layers(const void* const* tensors, long n_layers, void* h, const float* rotation, int act_bf16,
-                        long B, long dim, long H, long H_kv, long D, long hidden, long T_max, long pos, float eps,
-                        long int4_group) {
-    constexpr long LAYER_TENSORS = 12;
-    if (B < 1 || B > MAX_ROWS) return 1;
-    const long size = act_bf16 ? 2 : 4, qkv_features = (H + 2 * H_kv) * D;
-    std::vector<char> normed(B * dim * size), qkv(B * qkv_features * size), attended(B * H * D * size),
-        projected(B * dim * size), up(B * 2 * hidden * size), gated(B * hidden * size);
+// One decode step through all of a model's blocks on one process, h (B, dim) updated in place: for each block,
+// h += wo(attention(rms_norm(h))), then h += w2(silu(w1 x) * w3 x) with x = rms_norm(h), rounding where PyTorch's
+// ops would (each op's output in the activation dtype). Sequences, positions, rows and rotation are as
+// llama_decode_attention takes them; int4 weights are in groups of shape->int4_group.
+const char* llama_decode_layers(const LayerTensors* layers, const ModelShape* shape, void* h, const float* rotation,
+                                const long* positions, const long* rows, long B) {
+    if (B < 1 || B > MAX_ROWS) return "decode step: the kernel takes 1 to 8 sequences";
+    const ModelShape& m = *shape;
+    const bool act_bf16 = m.act_bf16;
+    const long size = act_bf16 ? 2 : 4, H = m.n_heads, D = m.head_dim, qkv_features = (H + 2 * m.n_kv_heads) * D;
+    std::vector<char> normed(B * m.dim * size), qkv(B * qkv_features * size), attended(B * H * D * size),
+        projected(B * m.dim * size), up(B * 2 * m.hidden * size), gated(B * m.hidden * size);
     auto add_to_h = [&]() {  // the residual connection
-        for (long i = 0; i < B * dim; i++)
+        for (long i = 0; i < B * m.dim; i++)
             store_act(h, act_bf16, i, load_act(h, act_bf16, i) + load_act(projected.data(), act_bf16, i));
     };
     auto round_act = [&](float v) { return act_bf16 ? bf16_to_float(float_to_bf16(v)) : v; };
-    for (long l = 0; l < n_layers; l++) {
-        const void* const* t = tensors + l * LAYER_TENSORS;
-        llama_rms_norm(h, t[0], normed.data(), act_bf16, B, dim, eps);
-        linear(normed.data(), t[1], t[2], int4_group, qkv.data(), act_bf16, B, qkv_features, dim);
-        llama_decode_attention(qkv.data(), const_cast<void*>(t[10]), const_cast<void*>(t[11]), rotation,
-                               attended.data(), act_bf16, B, H, H_kv, D, T_max, pos);
-        linear(attended.data(), t[3], t[4], int4_group, projected.data(), act_bf16, B, dim, H * D);
+    for (long l = 0; l < m.n_layers; l++) {
+        const LayerTensors& t = layers[l];
+        llama_rms_norm(h, t.attention_norm, normed.data(), act_bf16, B, m.dim, m.eps);
+        linear(normed.data(), t.wqkv, t.wqkv_scales, m.int4_group, qkv.data(), act_bf16, B, qkv_features, m.dim);
+        const char* error = llama_decode_attention(qkv.data(), t.cache_k, t.cache_v, rotation, positions, rows,
+                                                   attended.data(), act_bf16, B, H, m.n_kv_heads, D, m.max_batch,
+                                                   m.max_seq_len);
+        if (error != nullptr) return error;
+        linear(attended.data(), t.wo, t.wo_scales, m.int4_group, projected.data(), act_bf16, B, m.dim, H * D);
         add_to_h();
-        llama_rms_norm(h, t[5], normed.data(), act_bf16, B, dim, eps);
-        linear(normed.data(), t[6], t[7], int4_group, up.data(), act_bf16, B, 2 * hidden, dim);
+        llama_rms_norm(h, t.ffn_norm, normed.data(), act_bf16, B, m.dim, m.eps);
+        linear(normed.data(), t.w13, t.w13_scales, m.int4_group, up.data(), act_bf16, B, 2 * m.hidden, m.dim);
         for (long b = 0; b < B; b++)
-            for (long i = 0; i < hidden; i++) {
-                const float gate = load_act(up.data(), act_bf16, b * 2 * hidden + i);
+            for (long i = 0; i < m.hidden; i++) {
+                const float gate = load_act(up.data(), act_bf16, b * 2 * m.hidden + i);
                 const float silu = round_act(gate / (1.0f + std::exp(-gate)));
-                store_act(gated.data(), act_bf16, b * hidden + i,
-                          silu * load_act(up.data(), act_bf16, b * 2 * hidden + hidden + i));
+                store_act(gated.data(), act_bf16, b * m.hidden + i,
+                          silu * load_act(up.data(), act_bf16, b * 2 * m.hidden + m.hidden + i));
             }
-        linear(gated.data(), t[8], t[9], int4_group, projected.data(), act_bf16, B, dim, hidden);
+        linear(gated.data(), t.w2, t.w2_scales, m.int4_group, projected.data(), act_bf16, B, m.dim, m.hidden);
         add_to_h();
     }
-    return 0;
+    return nullptr;
 }
 }
