@@ -22,7 +22,7 @@ from typing import Optional
 import fire
 import torch
 
-from llama.runtime import DTYPES
+from llama.config import DTYPES
 from llama.tiny import make_checkpoint, train_tokenizer
 
 SHAPES = {
@@ -58,7 +58,8 @@ def sync(device: torch.device) -> None:
 
 def streamed_bytes(ckpt_dir: str, dtype: torch.dtype) -> int:
     """Bytes of weights read per decode step at batch 1 in `dtype`: everything but the embedding table."""
-    from llama.checkpoint import find_shards, load_shard
+    from llama.formats.base import load_shard
+    from llama.formats.meta import find_shards
 
     numel = sum(t.numel() for path in find_shards(ckpt_dir) for k, t in load_shard(path).items()
                 if k not in ("tok_embeddings.weight", "rope.freqs"))
@@ -128,10 +129,11 @@ def run_ours(ckpt_dir, tokenizer_path, device, dtype, max_gen_len, **build_kwarg
 def run_hf(ckpt_dir, tokenizer_path, device, dtype, max_gen_len) -> dict:
     import transformers
 
-    from llama.hf import meta_to_hf_model
+    from llama.formats import open_checkpoint
+    from llama.formats.hf import meta_to_hf_model
 
     start = time.perf_counter()
-    model = meta_to_hf_model(ckpt_dir, dtype=dtype, device=device)
+    model = meta_to_hf_model(open_checkpoint(ckpt_dir), dtype=dtype, device=device)
     load_s = time.perf_counter() - start
     dev = model.device
 

@@ -7,6 +7,10 @@ from typing import Optional
 
 import torch
 
+# The dtypes a model may be held in, by the names the command-line tools take.
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+
 
 @dataclass
 class ModelArgs:
@@ -76,5 +80,5 @@ class ModelArgs:
         return max(self.n_kv_heads, model_parallel_size)
 
     def rotary_frequencies(self) -> torch.Tensor:
-        """The rotary embedding's frequencies theta^(-2i / head_dim), i < head_dim / 2, in fp32 (Meta's `rope.freqs`)."""
+        """The rotary embedding's frequencies theta^(-2i / head_dim) for i < head_dim / 2, fp32 (Meta's rope.freqs)."""
         return 1.0 / (self.rope_theta ** (torch.arange(0, self.head_dim, 2).float() / self.head_dim))

@@ -5,7 +5,8 @@
     python -m llama.convert from_hf SRC DST [--model_parallel_size M]  # Meta shards (default 1)
     python -m llama.convert quantize SRC DST --mode int8|int4 [--group_size 128]  # pre-quantized Meta shards
 
-SRC may be in either format (told apart by params.json or config.json). DST must not exist: the output is written
+SRC may be in any format (told apart by params.json, quantization.json or config.json); `reshard` keeps a
+pre-quantized checkpoint quantized. DST must not exist: the output is written
 to a hidden sibling folder and renamed to DST once complete. One output shard or file is in memory at a time.
 """
 
@@ -13,9 +14,12 @@ from typing import Optional
 
 import fire
 
-from llama.checkpoint import QUANTIZATION_FILE, load_rank_state_dict, open_checkpoint, save_checkpoint
-from llama.hf import HFCheckpoint, find_tokenizer, save_hf
-from llama.linear import QUANTIZE_MODES, check_int4_group_size, quantize_state_dict
+from llama.formats import open_checkpoint
+from llama.formats.base import load_rank_state_dict
+from llama.formats.hf import HFCheckpoint, find_tokenizer, save_hf
+from llama.formats.meta import save_checkpoint
+from llama.formats.quantized import QUANTIZATION_FILE, full_row_scales, quantize_state_dict
+from llama.quantize import QUANTIZE_MODES, check_int4_group_size
 
 
 def reshard(src: str, dst: str, model_parallel_size: int) -> None:
@@ -27,7 +31,8 @@ def reshard(src: str, dst: str, model_parallel_size: int) -> None:
     freqs = args.rotary_frequencies()  # the rope.freqs entry of Meta's files
     shards = ({**load_rank_state_dict(source, args, rank, model_parallel_size), "rope.freqs": freqs}
               for rank in range(model_parallel_size))
-    save_checkpoint(dst, source.params, shards, find_tokenizer(src))
+    extra = {QUANTIZATION_FILE: source.scheme} if source.scheme is not None else None  # pre-quantized stays so
+    save_checkpoint(dst, source.params, shards, find_tokenizer(src), extra_json=extra)
     print(f"wrote {dst}: {model_parallel_size} shard(s) for {model_parallel_size} process(es)")
 
 
@@ -51,12 +56,16 @@ def quantize(src: str, dst: str, mode: str, group_size: int = 128) -> None:
     if mode == "int4":
         check_int4_group_size(group_size)
     source = open_checkpoint(src)
+    if source.scheme is not None:
+        raise ValueError(f"{src} is already quantized ({source.scheme['mode']}); quantize the full-precision "
+                         "checkpoint it was made from instead")
     args = source.model_args()
     n_shards = 1 if isinstance(source, HFCheckpoint) else len(source.files)
     scheme = {"mode": mode, "group_size": group_size if mode == "int4" else None}
     freqs = args.rotary_frequencies()  # the rope.freqs entry of Meta's files
-    shards = ({**quantize_state_dict(load_rank_state_dict(source, args, rank, n_shards), scheme), "rope.freqs": freqs}
-              for rank in range(n_shards))
+    row_scales = full_row_scales(source, args) if mode == "int8" and n_shards > 1 else None
+    shards = ({**quantize_state_dict(load_rank_state_dict(source, args, rank, n_shards), scheme, row_scales),
+               "rope.freqs": freqs} for rank in range(n_shards))
     save_checkpoint(dst, source.params, shards, find_tokenizer(src), extra_json={QUANTIZATION_FILE: scheme})
     print(f"wrote {dst}: {mode} in {n_shards} shard(s)")
 

@@ -1,19 +1,21 @@
 """Llama.build loads a checkpoint; generate / text_completion / chat_completion run it."""
 
+import contextlib
 import os
 import time
 from typing import List, Optional, Tuple, TypedDict
 
+import fairscale.nn.model_parallel.layers as fs_layers
 import torch
 import torch.nn.functional as F
 
-from llama import runtime
+from llama import runtime, weights
 from llama.chat import UNSAFE_ERROR, Dialog, Message, encode_dialog, has_special_tags, validate_dialog
-from llama.checkpoint import load_rank_state_dict, module_name, no_fairscale_init, open_checkpoint, read_params
-from llama.config import ModelArgs
+from llama.engine import CpuDecodeEngine
+from llama.formats import open_checkpoint
+from llama.formats.base import load_rank_state_dict
 from llama.kernels import cpu
-from llama.kernels.engine import CpuDecodeEngine
-from llama.linear import LINEAR_MODULES, linear_factory, load_prequantized, place_weights, read_quantization
+from llama.linear import linear_factory, place_weights, prequantized_factory
 from llama.model import Transformer, fuse_projection_keys
 from llama.tokenizer import Tokenizer
 
@@ -54,6 +56,21 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, pad_id: int) -> 
     return -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none", ignore_index=pad_id)
 
 
+@contextlib.contextmanager
+def no_fairscale_init():
+    """Build fairscale layers without materialising and scattering a full master weight per layer.
+
+    With more than one process fairscale fills every weight from a full-size master copy; we replace the weights
+    with the checkpoint's right after, so that work (and the resident memory it touches) is pure waste.
+    """
+    original = fs_layers._initialize_affine_weight
+    fs_layers._initialize_affine_weight = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        fs_layers._initialize_affine_weight = original
+
+
 class Llama:
     @staticmethod
     def build(
@@ -78,7 +95,8 @@ class Llama:
         if max_seq_len < 1 or max_batch_size < 1:
             raise ValueError(f"max_seq_len ({max_seq_len}) and max_batch_size ({max_batch_size}) must be positive")
         # Check the files before any process group or compute is set up.
-        scheme = read_quantization(ckpt_dir) if os.path.isdir(ckpt_dir) else None
+        source = open_checkpoint(ckpt_dir)
+        scheme = source.scheme
         if scheme is not None:
             asked = (quantize or scheme["mode"], group_size or scheme.get("group_size"))
             if asked != (scheme["mode"], scheme.get("group_size")):
@@ -87,8 +105,7 @@ class Llama:
                     f"quantize={quantize!r}, group_size={group_size} was asked for: leave them out to use the "
                     "checkpoint's scheme, or load the full-precision checkpoint to quantize differently"
                 )
-        source = open_checkpoint(ckpt_dir) if scheme is None else None
-        config_file = source.config_file if source else "params.json"
+        config_file = source.config_file
         if tokenizer_path is None:
             tokenizer_path = os.path.join(ckpt_dir, "tokenizer.model")
             if not os.path.isfile(tokenizer_path):
@@ -97,14 +114,11 @@ class Llama:
                     "above the checkpoint)"
                 )
         tokenizer = Tokenizer(tokenizer_path)
-        if source:
-            args = source.model_args(max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-        else:
-            args = ModelArgs.from_params(read_params(ckpt_dir), max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+        args = source.model_args(max_seq_len=max_seq_len, max_batch_size=max_batch_size)
         if args.vocab_size == -1:  # neither a vocab_size nor an embedding: loading reports the missing weight
             args.vocab_size = tokenizer.n_words
         if args.vocab_size != tokenizer.n_words:
-            from_config = source is None or source.params.get("vocab_size", -1) != -1
+            from_config = source.params.get("vocab_size", -1) != -1
             said = (f"{config_file} says vocab_size={args.vocab_size}" if from_config
                     else f"embedding has {args.vocab_size} rows")
             raise ValueError(
@@ -122,7 +136,10 @@ class Llama:
         rank, world = rt.model_parallel_rank, rt.model_parallel_size
         start = time.perf_counter()
         if scheme is not None:
-            state, make_linear = load_prequantized(ckpt_dir, scheme, rank, world, rt.device, rt.dtype)
+            # the stored quantized tensors, read to the host; each linear's are taken out as it is built
+            state = load_rank_state_dict(source, args, rank, world, views=False)
+            quantized = {key: state.pop(key) for key in list(state) if weights.weight(key).linear}
+            make_linear = prequantized_factory(quantized, scheme, world, rt.device, rt.dtype)
         else:
             make_linear = linear_factory(rt.device, rt.dtype, world, quantize, group_size or 128)
             # Linears that get repacked or quantized are read to the host first, as copies freed one by one as
@@ -137,7 +154,7 @@ class Llama:
             result = model.load_state_dict(state, strict=scheme is None, assign=True)
         except RuntimeError as err:  # the loaders checked names and shapes; this is a last guard
             raise ValueError(f"checkpoint in {ckpt_dir} does not match its {config_file}: {err}") from err
-        if scheme is not None and (result.unexpected_keys or any(module_name(k) not in LINEAR_MODULES
+        if scheme is not None and (result.unexpected_keys or any(weights.module_name(k) not in weights.LINEAR_MODULES
                                                                  for k in result.missing_keys)):
             raise ValueError(
                 f"checkpoint in {ckpt_dir} does not match its params.json: missing {result.missing_keys[:8]}, "

@@ -3,9 +3,8 @@ format the fastest available kernel wants. Swapped in while weights are placed (
 model file, the checkpoint format and the loading code stay the same whatever the kernel.
 """
 
+import ctypes
 import functools
-import json
-import os
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -15,9 +14,9 @@ from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_regi
 from torch import nn
 
 from llama.kernels import cpu
-from llama.checkpoint import (QUANTIZATION_FILE, SPLIT_DIM, find_shards, load_shard, module_name,
-                              release_freed_host_memory)
-from llama.model import FUSED_PROJECTIONS
+from llama.quantize import (check_int4_group_size, check_int4_layer, check_quantize_mode, pack_nibbles,
+                            quantize_int4, quantize_int8, unpack_nibbles)
+from llama.weights import FUSED_PROJECTIONS
 
 
 class ParallelLinear(nn.Module):
@@ -118,31 +117,6 @@ class CpuLinear(ParallelLinear):
         return torch.cat(blocks, dim=-1).to(x.dtype)
 
 
-def quantize_int8(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel int8: weight (N, K) ~= q (N, K) int8 * scales (N,) fp32."""
-    w = weight.to(torch.float32, copy=True)  # the one full-size temporary: the steps below work in place on it
-    scales = torch.maximum(w.amax(dim=1), -w.amin(dim=1)).clamp(min=1e-8) / 127
-    q = w.div_(scales[:, None]).round_().clamp_(-127, 127).to(torch.int8)
-    return q, scales
-
-
-def quantize_int4(weight: torch.Tensor, group_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric int4 in groups of group_size along K: weight (N, K) ~= (q - 8) * scale + zero for each group.
-
-    Returns q (N, K) int32 in [0, 15] and scales_and_zeros (K / group_size, N, 2) fp32, the layout PyTorch's
-    int4 matmul kernels take.
-    """
-    n, k = weight.shape
-    # the one full-size fp32 temporary, worked on in place (as in quantize_int8)
-    groups = weight.to(torch.float32, copy=True).view(n, k // group_size, group_size)
-    lo, hi = torch.aminmax(groups, dim=-1, keepdim=True)
-    scales = (hi - lo).clamp_(min=1e-8) / 15
-    zeros = lo + 8 * scales  # the value that code 8 stands for
-    q = groups.sub_(lo).div_(scales).round_().clamp_(0, 15).to(torch.int32).view(n, k)
-    scales_and_zeros = torch.cat([scales, zeros], dim=-1).transpose(0, 1).contiguous()  # (K / G, N, 2)
-    return q, scales_and_zeros
-
-
 class Int8Linear(ParallelLinear):
     """Weight-only int8: half the bytes of bf16 per weight, so decoding reads half as much. Activations stay in
     the model dtype; PyTorch's MPS (and CPU) kernel dequantizes inside the matmul. On the CPU, `int8_linear` picks
@@ -206,47 +180,6 @@ class Int4Linear(ParallelLinear):
         return y.view(*x.shape[:-1], self.out_features)
 
 
-QUANTIZE_MODES = ("int8", "int4")
-INT4_GROUP_SIZES = (32, 64, 128, 256)
-
-
-def supported_quantize_modes(device: torch.device, dtype: torch.dtype) -> Tuple[str, ...]:
-    """The weight-only modes PyTorch has kernels for on this device and dtype."""
-    int4 = (
-        (device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
-        or (device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (8, 0))
-    )
-    return ("int8", "int4") if int4 else ("int8",)
-
-
-def check_int4_group_size(group_size: int) -> None:
-    if group_size not in INT4_GROUP_SIZES:
-        raise ValueError(f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {group_size}")
-
-
-def check_int4_layer(name: str, in_features: int, group_size: int) -> None:
-    """The layer's input features (on this rank) split into whole groups and whole kernel tiles."""
-    if in_features % group_size or in_features % (2 * 16):
-        raise ValueError(
-            f"int4 group_size={group_size} does not divide {name}'s {in_features} input features on this rank; "
-            f"choose a group size that does ({[g for g in INT4_GROUP_SIZES if in_features % g == 0]})"
-        )
-
-
-def check_quantize_mode(quantize: Optional[str], device: torch.device, dtype: torch.dtype) -> None:
-    if quantize is None:
-        return
-    if quantize not in QUANTIZE_MODES:
-        raise ValueError(f"unknown quantize mode {quantize!r}; valid modes: {', '.join(QUANTIZE_MODES)} (or None)")
-    supported = supported_quantize_modes(device, dtype)
-    if quantize not in supported:
-        hint = " (int4 on CUDA needs bf16 and an Ampere or newer GPU)" if device.type == "cuda" else ""
-        raise ValueError(
-            f"quantize={quantize!r} has no kernel on {device.type} with {dtype}; this device supports: "
-            f"{', '.join(supported)}{hint}"
-        )
-
-
 def linear_factory(
     device: torch.device, dtype: torch.dtype, world_size: int, quantize: Optional[str] = None, group_size: int = 128
 ) -> Optional[Callable[[str, nn.Module], nn.Module]]:
@@ -300,9 +233,15 @@ def place_weights(model: nn.Module, device: torch.device, dtype: torch.dtype,
     release_freed_host_memory()  # and what converting the other tensors freed
 
 
-# Pre-quantized checkpoints: Meta's layout (consolidated.NN.pth, params.json) with every linear stored quantized,
-# and the scheme in QUANTIZATION_FILE, which Llama.build checks against what is asked for.
-LINEAR_MODULES = frozenset(SPLIT_DIM) - {"tok_embeddings"} | {f.rpartition(".")[2] for f in FUSED_PROJECTIONS}
+def release_freed_host_memory() -> None:
+    """Hand host memory that loading freed back to the OS. glibc keeps freed blocks of up to 32 MiB in its heap, so
+    the temporaries of converting weights one by one would stay resident (see docs/performance.md); malloc_trim
+    returns them. Does nothing where the C library has no malloc_trim."""
+    try:
+        malloc_trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError, TypeError):  # not glibc (macOS, musl), or no process handle (Windows)
+        return
+    malloc_trim(0)
 
 
 def fused_parts(name: str) -> list:
@@ -314,67 +253,18 @@ def fused_parts(name: str) -> list:
     return [name]
 
 
-def read_quantization(ckpt_dir: str) -> Optional[dict]:
-    """The scheme a pre-quantized checkpoint was written with ({"mode": ..., "group_size": ...}), or None."""
-    path = os.path.join(ckpt_dir, QUANTIZATION_FILE)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        scheme = json.load(f)
-    if scheme.get("mode") not in QUANTIZE_MODES:
-        raise ValueError(f"{path} names an unknown quantize mode {scheme.get('mode')!r}; valid: {QUANTIZE_MODES}")
-    return scheme
-
-
-def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
-    """(N, K) codes in [0, 15] -> (N, K / 2) uint8, the even column in the high nibble."""
-    return (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
-
-
-def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    return torch.stack([packed >> 4, packed & 15], dim=-1).flatten(1).to(torch.int32)
-
-
-def quantize_state_dict(state: Dict[str, torch.Tensor], scheme: dict) -> Dict[str, torch.Tensor]:
-    """A rank's state dict as a pre-quantized checkpoint stores it: each linear's `weight` becomes int8 (N, K) plus
-    `scales` (N,), or int4 codes packed two per byte (N, K / 2) plus `scales_and_zeros` (K / group, N, 2), fp32."""
-    out = {}
-    for key, tensor in state.items():
-        if key.count(".") < 1 or module_name(key) not in LINEAR_MODULES:
-            out[key] = tensor
-            continue
-        prefix = key[: -len("weight")]
-        if scheme["mode"] == "int8":
-            out[key], out[prefix + "scales"] = quantize_int8(tensor)
-        else:
-            check_int4_layer(key, tensor.shape[1], scheme["group_size"])
-            q, out[prefix + "scales_and_zeros"] = quantize_int4(tensor, scheme["group_size"])
-            out[key] = pack_nibbles(q)
-    return out
-
-
-def load_prequantized(ckpt_dir: str, scheme: dict, rank: int, world: int, device: torch.device,
-                      dtype: torch.dtype) -> Tuple[Dict[str, torch.Tensor], Callable[[str, nn.Module], nn.Module]]:
-    """This rank's shard of a pre-quantized checkpoint: (the tensors that are not linears, make_linear building
-    each linear from its stored quantized tensors)."""
-    files = find_shards(ckpt_dir)
-    if len(files) != world:
-        raise ValueError(
-            f"{ckpt_dir} is pre-quantized for {len(files)} process(es) and cannot be split again for {world}: run "
-            f"on {len(files)} process(es), or quantize at load time (quantize=...) from the full-precision checkpoint"
-        )
+def prequantized_factory(state: Dict[str, torch.Tensor], scheme: dict, world_size: int, device: torch.device,
+                         dtype: torch.dtype) -> Callable[[str, nn.Module], nn.Module]:
+    """make(name, layer) building each linear from a rank's pre-quantized tensors (see llama/formats/quantized.py),
+    which it takes out of `state` as it goes: int8 weight and scales, or int4 codes and scales and zeros, the
+    parts of a fused projection joined."""
     check_quantize_mode(scheme["mode"], device, dtype)
-    stored = dict(load_shard(files[rank]))
-    stored.pop("rope.freqs", None)
-    linear_keys = {k for k in stored if k.count(".") >= 1 and module_name(k) in LINEAR_MODULES}
-    quantized = {k: stored.pop(k) for k in linear_keys}
+    scratch = Scratch()
 
     def take(key: str, name: str) -> torch.Tensor:
-        if key not in quantized:
-            raise ValueError(f"{files[rank]} has no {key} for {name}: not a complete {scheme['mode']} checkpoint")
-        return quantized.pop(key).to(device)
-
-    scratch = Scratch()
+        if key not in state:
+            raise ValueError(f"the checkpoint has no {key} for {name}: not a complete {scheme['mode']} checkpoint")
+        return state.pop(key).to(device)
 
     def make(name: str, layer: nn.Module) -> nn.Module:
         parts = fused_parts(name)
@@ -383,9 +273,10 @@ def load_prequantized(ckpt_dir: str, scheme: dict, rank: int, world: int, device
             return torch.cat([decode(take(f"{part}.{suffix}", name)) for part in parts], dim)
 
         if scheme["mode"] == "int8":
-            return int8_linear(layer, world, joined("weight"), joined("scales").to(dtype), scratch)
+            return int8_linear(layer, world_size, joined("weight"), joined("scales").to(dtype), scratch)
+        check_int4_layer(name, layer.weight.shape[1], scheme["group_size"])
         q = joined("weight", decode=unpack_nibbles)
         scales_and_zeros = joined("scales_and_zeros", dim=1).to(dtype)  # (K / G, N, 2): outputs on dim 1
-        return int4_linear(layer, world, q, scales_and_zeros, scheme["group_size"], scratch)
+        return int4_linear(layer, world_size, q, scales_and_zeros, scheme["group_size"], scratch)
 
-    return stored, make
+    return make

@@ -20,12 +20,7 @@ from torch import nn
 
 from llama import ops
 from llama.config import ModelArgs
-
-# Each fused projection and the Meta modules it is made of, in the order their outputs are concatenated.
-FUSED_PROJECTIONS = {
-    "attention.wqkv": ("attention.wq", "attention.wk", "attention.wv"),
-    "feed_forward.w13": ("feed_forward.w1", "feed_forward.w3"),
-}
+from llama.weights import FUSED_PROJECTIONS
 
 
 def fuse_projection_keys(state: dict) -> None:
@@ -65,7 +60,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.llama.rms_norm(x, self.weight, self.eps)
+        return ops.rms_norm(x, self.weight, self.eps)
 
 
 def rotary_angles(positions: torch.Tensor, frequencies: torch.Tensor) -> torch.Tensor:
@@ -102,8 +97,8 @@ class Attention(nn.Module):
         self.cache: Optional[KVCache] = None
 
     def forward(self, x, start, rows, rotation, cache_len: int) -> torch.Tensor:
-        out = torch.ops.llama.attention(self.wqkv(x), self.cache.k, self.cache.v, rotation, start, rows,
-                                        self.n_local_heads, cache_len)
+        out = ops.attention(self.wqkv(x), self.cache.k, self.cache.v, rotation, start, rows, self.n_local_heads,
+                            cache_len)
         return self.wo(out)
 
 

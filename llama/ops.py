@@ -79,6 +79,10 @@ LIBRARY.impl("rms_norm", rms_norm_reference, "CompositeExplicitAutograd")
 LIBRARY.impl("attention", attention_reference, "CompositeExplicitAutograd")
 
 
+rms_norm = torch.ops.llama.rms_norm
+attention = torch.ops.llama.attention
+
+
 @torch.library.register_fake("llama::rms_norm", lib=LIBRARY)
 def _(x, weight, eps):
     return torch.empty_like(x)

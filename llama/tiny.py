@@ -15,9 +15,10 @@ import fire
 import sentencepiece as spm
 import torch
 
-from llama.checkpoint import save_checkpoint, split_state_dict
-from llama.config import ModelArgs
-from llama.runtime import DTYPES
+from llama import weights
+from llama.formats.base import split_state_dict
+from llama.formats.meta import save_checkpoint
+from llama.config import DTYPES, ModelArgs
 
 CONFIGS = {
     # multi-head attention, like 7B and 13B
@@ -79,32 +80,18 @@ def train_tokenizer(path: str, vocab_size: int = TOKENIZER_VOCAB, seed: int = 0)
 
 
 def random_state_dict(args: ModelArgs, seed: int, dtype: torch.dtype = torch.float32) -> Dict[str, torch.Tensor]:
-    """A full (unsharded) state dict with Meta's keys: random weights scaled by fan-in, random norm weights
-    (Meta's `rope.freqs` entry is added per shard by make_checkpoint)."""
+    """A full (unsharded) state dict with Meta's keys (llama/weights.py's table): linears random and scaled by
+    fan-in, norms random around 1, the embedding standard normal (Meta's `rope.freqs` entry is added per shard by
+    make_checkpoint)."""
     gen = torch.Generator().manual_seed(seed)
-
-    # each tensor is cast as it is made, so a 7B-shaped state dict never exists in fp32
-    def linear(out_features: int, in_features: int) -> torch.Tensor:
-        return (torch.randn(out_features, in_features, generator=gen) / in_features**0.5).to(dtype)
-
-    def norm() -> torch.Tensor:
-        return (1.0 + 0.2 * torch.randn(args.dim, generator=gen)).to(dtype)
-
-    hd, kv_dim, hidden = args.head_dim, args.n_kv_heads * args.head_dim, args.ffn_hidden_dim
-    state = {"tok_embeddings.weight": torch.randn(args.vocab_size, args.dim, generator=gen).to(dtype)}
-    for i in range(args.n_layers):
-        prefix = f"layers.{i}."
-        state[prefix + "attention.wq.weight"] = linear(args.n_heads * hd, args.dim)
-        state[prefix + "attention.wk.weight"] = linear(kv_dim, args.dim)
-        state[prefix + "attention.wv.weight"] = linear(kv_dim, args.dim)
-        state[prefix + "attention.wo.weight"] = linear(args.dim, args.n_heads * hd)
-        state[prefix + "feed_forward.w1.weight"] = linear(hidden, args.dim)
-        state[prefix + "feed_forward.w2.weight"] = linear(args.dim, hidden)
-        state[prefix + "feed_forward.w3.weight"] = linear(hidden, args.dim)
-        state[prefix + "attention_norm.weight"] = norm()
-        state[prefix + "ffn_norm.weight"] = norm()
-    state["norm.weight"] = norm()
-    state["output.weight"] = linear(args.vocab_size, args.dim)
+    state = {}
+    for key, shape in weights.full_shapes(args).items():  # each cast as it is made: a 7B shape never is in fp32
+        if weights.weight(key).linear:
+            state[key] = (torch.randn(shape, generator=gen) / shape[1] ** 0.5).to(dtype)
+        elif len(shape) == 1:  # a norm
+            state[key] = (1.0 + 0.2 * torch.randn(shape, generator=gen)).to(dtype)
+        else:  # the embedding
+            state[key] = torch.randn(shape, generator=gen).to(dtype)
     return state
 
 

@@ -4,15 +4,18 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import mp_worker
 from llama import Llama, convert
-from llama.checkpoint import load_shard
-from llama.hf import ffn_params, meta_to_hf_model
-from llama.model import ModelArgs
+from llama.config import ModelArgs
+from llama.formats import open_checkpoint
+from llama.formats.base import load_shard
+from llama.formats.hf import ffn_params, meta_to_hf_model
 from llama.tiny import make_checkpoint
 
 transformers = pytest.importorskip("transformers")
@@ -155,7 +158,7 @@ def test_we_load_what_transformers_saved(saved_by_transformers, reference, layou
 
 
 def test_meta_to_hf_model_matches_independent_conversion(tiny_dir):
-    model = meta_to_hf_model(str(tiny_dir / "mha-mp2"), dtype=torch.float32)
+    model = meta_to_hf_model(open_checkpoint(str(tiny_dir / "mha-mp2")), dtype=torch.float32)
     oracle = hf_model_from_meta(str(tiny_dir / "mha-mp1"), 512)
     with torch.inference_mode():
         assert torch.equal(model(mp_worker.LOGIT_TOKENS).logits, oracle(mp_worker.LOGIT_TOKENS).logits)
@@ -294,3 +297,11 @@ def test_interrupted_conversions_leave_nothing(tiny_dir, monkeypatch, tmp_path):
     with pytest.raises(OSError, match="disk full"):
         convert.to_hf(str(tiny_dir / "mha-mp1"), str(tmp_path / "out"), max_shard_bytes=100_000)
     assert os.listdir(tmp_path) == []
+
+
+def test_the_converter_loads_neither_the_model_stack_nor_the_kernels():
+    """Reading and writing files needs only the formats: no fairscale, no model, no C++ kernels to build."""
+    script = ("import sys, llama.convert, llama.tiny\n"
+              "print([m for m in ('fairscale', 'llama.model', 'llama.kernels.cpu') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

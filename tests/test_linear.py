@@ -10,11 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from llama.kernels import cpu
-from llama.checkpoint import load_shard
-from llama.linear import CpuLinear, Scratch, int8_linear, quantize_int4, quantize_int8
+from llama.formats.base import load_shard
+from llama.linear import CpuLinear, Scratch, int8_linear
+from llama.quantize import quantize_int4, quantize_int8
 from llama import ops
 from llama.config import ModelArgs
-from llama.kernels.engine import CpuDecodeEngine
+from llama.engine import CpuDecodeEngine
 from llama.model import column_parallel, rotary_angles, row_parallel
 
 needs_kernels = pytest.mark.skipif(not cpu.available(), reason="no C++ compiler for the CPU kernels")

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from llama.checkpoint import load_shard
+from llama.formats.base import load_shard
 from llama.config import ModelArgs
 from llama.model import rotary_angles
 from llama.ops import apply_rotary
@@ -147,8 +147,8 @@ def test_a_row_reset_and_refilled_mid_batch_decodes_as_if_alone(build, config):
             for i in range(3):
                 torch.testing.assert_close(logits[i, 0], expected[i][int(start[i])], rtol=0, atol=1e-5)
         # row 0 finished: rows 2 and 1 go on without it, in that order
-        logits = model.forward(torch.tensor([[first[2][12 - 1]], [refill[9]]]), torch.tensor([11, 9]),
-                               rows=torch.tensor([2, 1]))
+        tokens = torch.tensor([[first[2][11]], [refill[9]]])
+        logits = model.forward(tokens, torch.tensor([11, 9]), rows=torch.tensor([2, 1]))
     torch.testing.assert_close(logits[0, 0], expected[2][11], rtol=0, atol=1e-5)
     torch.testing.assert_close(logits[1, 0], expected[1][9], rtol=0, atol=1e-5)
 

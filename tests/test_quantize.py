@@ -13,9 +13,10 @@ import sys
 import pytest
 import torch
 
+from llama.formats.base import load_shard
 from llama.kernels import cpu
-from llama.linear import (CpuLinear, Int4Linear, Int8Linear, Scratch, int4_linear, linear_factory, quantize_int4,
-                          quantize_int8, supported_quantize_modes)
+from llama.linear import CpuLinear, Int4Linear, Int8Linear, Scratch, int4_linear, linear_factory
+from llama.quantize import quantize_int4, quantize_int8, supported_quantize_modes
 from llama.model import column_parallel
 from llama.tiny import TOKENIZER_VOCAB, make_checkpoint
 
@@ -174,7 +175,7 @@ def test_prequantized_checkpoint_loads_like_quantizing_at_load_time(build, tiny_
 
 def test_prequantized_checkpoint_errors(tiny_dir, tokenizer_path, tmp_path):
     from llama import Llama
-    from llama.convert import quantize, reshard, to_hf
+    from llama.convert import quantize, to_hf
 
     with pytest.raises(ValueError, match="unknown mode 'int2'; valid modes: int8, int4"):
         quantize(str(tiny_dir / "mha-mp1"), str(tmp_path / "x"), mode="int2")
@@ -183,13 +184,43 @@ def test_prequantized_checkpoint_errors(tiny_dir, tokenizer_path, tmp_path):
     assert sorted(p.name for p in dst.glob("*.pth")) == ["consolidated.00.pth", "consolidated.01.pth"]
     with pytest.raises(ValueError, match="pre-quantized as int8 .* but quantize='int4'"):
         Llama.build(str(dst), tokenizer_path, 64, 4, device="cpu", dtype="fp32", quantize="int4")
-    with pytest.raises(ValueError, match="pre-quantized for 2 process\\(es\\) and cannot be split again for 1"):
-        Llama.build(str(dst), tokenizer_path, 64, 4, device="cpu", dtype="fp32")
-    with pytest.raises(ValueError, match="pre-quantized checkpoint: .* convert the full-precision checkpoint"):
+    with pytest.raises(ValueError, match="pre-quantized checkpoint, which Hugging Face's format cannot hold"):
         to_hf(str(dst), str(tmp_path / "hf"))
-    with pytest.raises(ValueError, match="pre-quantized checkpoint"):
-        reshard(str(dst), str(tmp_path / "mp1"), model_parallel_size=1)
-    assert not (tmp_path / "hf").exists() and not (tmp_path / "mp1").exists()
+    with pytest.raises(ValueError, match="already quantized \\(int8\\)"):
+        quantize(str(dst), str(tmp_path / "again"), mode="int4")
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "again").exists()
+    # shards that disagree on a layer's int8 scales (as per-shard quantization wrote them) are refused, not joined
+    shard = load_shard(str(dst / "consolidated.01.pth"))
+    shard = {k: v.clone() for k, v in shard.items()}
+    shard["layers.0.attention.wo.scales"] *= 2
+    torch.save(shard, dst / "consolidated.01.pth")
+    with pytest.raises(ValueError, match="different int8 scales for layers.0.attention.wo.scales"):
+        Llama.build(str(dst), tokenizer_path, 64, 4, device="cpu", dtype="fp32")
+
+
+@pytest.mark.parametrize("mode, group_size", [("int8", 128), ("int4", 32)])
+def test_prequantized_checkpoint_reshards_and_loads_on_any_process_count(tiny_dir, tokenizer_path, tmp_path, mode,
+                                                                         group_size):
+    """Quantized from 2 shards, resharded to 1 and back to 2: the shards come back bit-exact, and one process
+    loading the 2-shard checkpoint computes exactly what it computes from the 1-shard one."""
+    from llama import Llama
+    from llama.convert import quantize, reshard
+
+    two, one, again = tmp_path / "two", tmp_path / "one", tmp_path / "again"
+    quantize(str(tiny_dir / "mha-mp2"), str(two), mode=mode, group_size=group_size)
+    reshard(str(two), str(one), model_parallel_size=1)
+    reshard(str(one), str(again), model_parallel_size=2)
+    assert (one / "quantization.json").read_text() == (two / "quantization.json").read_text()
+    for name in ("consolidated.00.pth", "consolidated.01.pth"):
+        a, b = load_shard(str(two / name)), load_shard(str(again / name))
+        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a), name
+    tokens = torch.randint(3, 500, (2, 16), generator=torch.Generator().manual_seed(6))
+    logits = []
+    for ckpt in (two, one):
+        model = Llama.build(str(ckpt), tokenizer_path, 64, 4, device="cpu", dtype="fp32").model
+        with torch.inference_mode():
+            logits.append(model.forward(tokens, 0))
+    assert torch.equal(logits[0], logits[1])
 
 
 RESIDENT_AFTER_FIRST_STEP = """

@@ -1,2 +1,2 @@
-"""Faster ways to run the model on particular hardware, beside it: cpu.cpp's kernels behind the ops of llama/ops.py
-and the CPU linears (cpu.py), and the one-call CPU decode step (engine.py)."""
+"""Kernels for particular hardware, beside the model: cpu.cpp's, built and declared by cpu.py, which puts them behind
+the ops of llama/ops.py, the CPU linears (llama/linear.py) and the one-call decode step (llama/engine.py)."""

@@ -68,9 +68,9 @@ class CpuDecodeEngine:
         """A decode step, as `model.forward(tokens, start_pos, rows)` computes it: tokens (B, 1), each row's position
         start_pos (B,) and cache row rows (B,) (row b if None), int64 -> fp32 logits (B, 1, vocab_size)."""
         bsz = tokens.shape[0]
+        rows_fit = rows is None or (rows.shape == (bsz,) and rows.dtype == torch.int64)
         if (tokens.shape != (bsz, 1) or not 1 <= bsz <= self.max_batch or start_pos.shape != (bsz,)
-                or start_pos.dtype != torch.int64 or (rows is not None and (rows.shape != (bsz,)
-                                                                             or rows.dtype != torch.int64))):
+                or start_pos.dtype != torch.int64 or not rows_fit):
             raise ValueError(f"the CPU decode engine takes tokens (B, 1) for 1 <= B <= {self.max_batch} with one "
                              f"int64 position (and cache row) per row, got tokens {tuple(tokens.shape)}, positions "
                              f"{tuple(start_pos.shape)} {start_pos.dtype}")

@@ -1,9 +1,9 @@
-"""Hugging Face's Llama layout: config.json <-> params.json, tensor names, and the row order of wq and wk.
+"""Hugging Face's Llama format: config.json <-> params.json, tensor names, and the row order of wq and wk.
 
 HF keeps each weight whole (in `model*.safetensors` or `pytorch_model*.bin`, split across files by tensor) under
 its own names, and orders the rows of each attention head for rotating halves, (i, i + D/2), where Meta rotates
 interleaved pairs (2i, 2i+1). Reading converts names and rows to Meta's view of the full tensors, so the
-model-parallel slicing of checkpoint.py applies unchanged; writing does the reverse.
+model-parallel slicing of base.py applies unchanged; writing does the reverse.
 """
 
 import contextlib
@@ -16,31 +16,16 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from llama.checkpoint import (
-    Checkpoint, Piece, atomic_directory, check_shapes, compact, full_shapes, load_rank_state_dict, load_shard,
-    module_name, open_checkpoint,
-)
+from llama import weights
 from llama.config import ModelArgs
+from llama.formats.base import (Checkpoint, Piece, atomic_directory, check_shapes, compact, load_rank_state_dict,
+                                load_shard)
 from llama.tokenizer import Tokenizer
 
 # Meta key -> HF name; "{}" stands for the layer index.
-META_TO_HF = {
-    "tok_embeddings.weight": "model.embed_tokens.weight",
-    "layers.{}.attention.wq.weight": "model.layers.{}.self_attn.q_proj.weight",
-    "layers.{}.attention.wk.weight": "model.layers.{}.self_attn.k_proj.weight",
-    "layers.{}.attention.wv.weight": "model.layers.{}.self_attn.v_proj.weight",
-    "layers.{}.attention.wo.weight": "model.layers.{}.self_attn.o_proj.weight",
-    "layers.{}.feed_forward.w1.weight": "model.layers.{}.mlp.gate_proj.weight",
-    "layers.{}.feed_forward.w2.weight": "model.layers.{}.mlp.down_proj.weight",
-    "layers.{}.feed_forward.w3.weight": "model.layers.{}.mlp.up_proj.weight",
-    "layers.{}.attention_norm.weight": "model.layers.{}.input_layernorm.weight",
-    "layers.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
-    "norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
+META_TO_HF = {w.key: w.hf_name for w in weights.WEIGHTS}
 HF_TO_META = {hf: meta for meta, hf in META_TO_HF.items()}
 HF_IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")  # older exports carry the table
-ROTATED = ("wq", "wk")  # whose rows HF reorders per head
 LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
 
 LLAMA2_CONTEXT = 4096  # max_position_embeddings: params.json has no such field; Llama 2 was trained on 4096
@@ -230,7 +215,7 @@ class HFCheckpoint(Checkpoint):
         return hf_name(key) or key
 
     def _to_meta(self, key: str, t: torch.Tensor) -> torch.Tensor:
-        return hf_to_meta_rows(t, self.head_dim) if module_name(key) in ROTATED else t
+        return hf_to_meta_rows(t, self.head_dim) if weights.weight(key).rotated else t
 
     @contextlib.contextmanager
     def open(self, file: str):
@@ -260,7 +245,7 @@ def find_tokenizer(ckpt_dir: str) -> Optional[str]:
 
 def to_hf_state_dict(state: Dict[str, torch.Tensor], head_dim: int) -> Dict[str, torch.Tensor]:
     """Meta-layout tensors under HF's names, with wq and wk rows in HF's order."""
-    return {hf_name(key): meta_to_hf_rows(t, head_dim) if module_name(key) in ROTATED else t
+    return {hf_name(key): meta_to_hf_rows(t, head_dim) if weights.weight(key).rotated else t
             for key, t in state.items()}
 
 
@@ -268,11 +253,14 @@ def save_hf(source: Checkpoint, dst: str, tokenizer_path: Optional[str] = None,
             max_shard_bytes: int = 5 * 10**9) -> None:
     """Write `source` as an HF directory (config.json, safetensors of at most max_shard_bytes each, their index,
     tokenizer.model), atomically. Tensors keep their dtype; one output file's tensors are in memory at a time."""
+    if source.scheme is not None:
+        raise ValueError(f"{source.path} is a pre-quantized checkpoint, which Hugging Face's format cannot hold; "
+                         "convert the full-precision checkpoint it was made from instead")
     save_file = _safetensors().torch.save_file
 
     args = source.model_args()
     check_shapes(source, args)
-    keys = list(full_shapes(args))
+    keys = list(weights.full_shapes(args))
     dtype = source.pieces[keys[0]][0].dtype
     groups, size = [[]], 0
     for key in keys:
@@ -310,12 +298,11 @@ def save_hf(source: Checkpoint, dst: str, tokenizer_path: Optional[str] = None,
                 out.write(src.read())
 
 
-def meta_to_hf_model(ckpt_dir: str, dtype: Optional[torch.dtype] = None, device: str = "cpu"):
-    """transformers' LlamaForCausalLM holding a checkpoint's weights (either format), built in memory; for
+def meta_to_hf_model(source: Checkpoint, dtype: Optional[torch.dtype] = None, device: str = "cpu"):
+    """transformers' LlamaForCausalLM holding a full-precision checkpoint's weights (any format), built in memory; for
     comparisons and benchmarks."""
     import transformers
 
-    source = open_checkpoint(ckpt_dir)
     args = source.model_args()
     state = to_hf_state_dict(load_rank_state_dict(source, args, 0, 1, dtype), args.head_dim)
     config = transformers.LlamaConfig(**{
