@@ -79,6 +79,6 @@ class ModelArgs:
         """KV heads held across all ranks: more than n_kv_heads when they are replicated."""
         return max(self.n_kv_heads, model_parallel_size)
 
-    def rotary_frequencies(self) -> torch.Tensor:
+    def rotary_frequencies(self, device: Optional[torch.device] = None) -> torch.Tensor:
         """The rotary embedding's frequencies theta^(-2i / head_dim) for i < head_dim / 2, fp32 (Meta's rope.freqs)."""
-        return 1.0 / (self.rope_theta ** (torch.arange(0, self.head_dim, 2).float() / self.head_dim))
+        return 1.0 / (self.rope_theta ** (torch.arange(0, self.head_dim, 2, device=device).float() / self.head_dim))

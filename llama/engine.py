@@ -4,7 +4,8 @@ For small models the Python around each op of a step costs as much as the ops, s
 `llama_decode_layers`, which computes what `TransformerBlock.forward` computes with the ops' CPU kernels. The engine
 stands beside the model: `Llama` makes it once, when the model is built, and it holds each block's tensors in the
 kernel's `LayerTensors` structs and the model's sizes in a `ModelShape`, checked once. It keeps those very tensors
-(not copies), so weights changed in place are seen, and they live as long as the engine.
+(not copies), so weights changed in place are seen, and they live as long as the engine; new KV caches
+(`setup_caches` again) need a new engine, and a step refuses to run on replaced ones.
 """
 
 import ctypes
@@ -31,15 +32,15 @@ class CpuDecodeEngine:
     def for_model(cls, model: Transformer) -> Optional["CpuDecodeEngine"]:
         """The engine for `model` (its KV caches set up), or None when the kernel cannot run it: not on the CPU in
         bf16 or fp32, a linear that is not a one-process `CpuLinear`, or tensors of other shapes than it assumes."""
-        if not cpu.available() or len(model.layers) == 0 or model.layers[0].attention.cache is None:
+        dtype, dim = model.norm.weight.dtype, model.params.dim
+        if model.norm.weight.device.type != "cpu" or dtype not in cpu.KERNEL_DTYPES or not cpu.available():
+            return None  # (the device first: no C++ build for a GPU model)
+        if len(model.layers) == 0 or model.layers[0].attention.cache is None:
             return None
         first = model.layers[0]
-        dtype, dim = model.norm.weight.dtype, model.params.dim
         cache_shape = first.attention.cache.k.shape  # (max_batch, H_kv, T_max, D)
         n_heads, hidden = first.attention.n_local_heads, first.feed_forward.split_sizes[0]
         int4_group = getattr(first.attention.wqkv, "int4_group", None)
-        if model.norm.weight.device.type != "cpu" or dtype not in cpu.KERNEL_DTYPES:
-            return None
         heads, kv = n_heads * cache_shape[3], cache_shape[1] * cache_shape[3]
         shapes = {"wqkv": (heads + 2 * kv, dim), "wo": (dim, heads), "w13": (2 * hidden, dim), "w2": (dim, hidden)}
         layers = []
@@ -74,6 +75,9 @@ class CpuDecodeEngine:
             raise ValueError(f"the CPU decode engine takes tokens (B, 1) for 1 <= B <= {self.max_batch} with one "
                              f"int64 position (and cache row) per row, got tokens {tuple(tokens.shape)}, positions "
                              f"{tuple(start_pos.shape)} {start_pos.dtype}")
+        if self.model.layers[0].attention.cache.k is not self.tensors[0][-2]:
+            raise RuntimeError("the model's KV caches were replaced (setup_caches) after its CPU decode engine was "
+                               "made: make a new engine (or Llama) for the new caches")
         start_pos = start_pos.contiguous()
         rows = rows.contiguous() if rows is not None else None
         rotation = self.model.rotation(start_pos[:, None]).contiguous()  # (B, 1, D / 2, 2)

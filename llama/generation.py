@@ -173,7 +173,7 @@ class Llama:
         # How a decode step runs, chosen once here: compiled, with every row at its own position in a tensor and
         # attention over the whole cache under a mask, so shapes never change and torch.compile captures the step
         # once per batch size (on CUDA "reduce-overhead" replays it as one CUDA graph: one launch per token); else
-        # through the CPU decode engine where it takes the model; else the model's own forward.
+        # through the CPU decode engine where it takes the model (its KV caches set up); else the model's own forward.
         self.compiled_step = None
         self.engine = None
         if compile:
@@ -185,7 +185,8 @@ class Llama:
     def decode(self, tokens: torch.Tensor, start_pos: torch.Tensor, rows: Optional[torch.Tensor],
                cache_len: int) -> torch.Tensor:
         """One decode step, by the way chosen in __init__: tokens (B, 1) at positions start_pos (B,) in cache rows
-        `rows` (row b if None), every position below cache_len -> fp32 logits (B, 1, vocab_size)."""
+        `rows` (row b if None) -> fp32 logits (B, 1, vocab_size). Every position is below cache_len, which bounds the
+        keys model.forward reads (the engine reads each row's own; the compiled step, the whole cache)."""
         if self.compiled_step is not None:
             return self.compiled_step(tokens, start_pos, rows)
         if self.engine is not None and tokens.shape[0] <= self.engine.max_batch:
@@ -258,6 +259,7 @@ class Llama:
             batch = list(range(bsz))  # fixed shapes
         batch_rows = torch.tensor(batch, dtype=torch.long, device=device)
         last = logits[batch_rows, position[batch_rows] - 1]  # (A, V): each row's logits for its next token
+        del logits  # (B, prompt_len, V) fp32: not kept through decoding
         step = 0
         while batch and any(last_position[i] < ends[i] for i in batch):
             next_token = sample_next(last, temperature, top_p)

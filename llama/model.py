@@ -10,6 +10,7 @@ and runs RMSNorm and attention over the KV cache through the ops of llama/ops.py
 Every row of a batch has its own position and its own row of the KV cache.
 """
 
+import numbers
 from typing import Optional, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
@@ -68,7 +69,7 @@ def rotary_angles(positions: torch.Tensor, frequencies: torch.Tensor) -> torch.T
 
     Computed per forward (a few small ops) rather than kept as a buffer, so no `.to(dtype)` can degrade them.
     """
-    angles = positions.float()[..., None] * frequencies.to(positions.device)
+    angles = positions.float()[..., None] * frequencies
     return torch.stack([angles.cos(), angles.sin()], dim=-1)
 
 
@@ -168,28 +169,32 @@ class Transformer(nn.Module):
 
     def rotation(self, positions: torch.Tensor) -> torch.Tensor:
         """The rotary embedding's (cos, sin) for positions (B, S) -> (B, S, head_dim / 2, 2), fp32."""
-        return rotary_angles(positions, self.params.rotary_frequencies())
+        return rotary_angles(positions, self.params.rotary_frequencies(positions.device))
 
     def forward(self, tokens: torch.Tensor, start_pos: StartPos, rows: Optional[torch.Tensor] = None,
                 cache_len: Optional[int] = None) -> torch.Tensor:
         """tokens (B, S): row b's tokens at positions start_pos[b] .. start_pos[b] + S - 1, kept in row rows[b] of the
         KV caches (row b when rows is None) -> fp32 logits (B, S, vocab_size).
 
-        start_pos is one int for every row (Meta's API) or each row's, a (B,) integer tensor on the weights' device.
+        start_pos is one int for every row (Meta's API) or each row's, a (B,) integer tensor on the weights' device,
+        whose values (0 <= start_pos[b], start_pos[b] + S <= max_seq_len) are not read back to be checked.
         Attention reads the first cache_len positions of the caches, which must cover every row's last position: by
         default start_pos + S for an int, and the whole cache for a tensor, so that decode steps keep the same shapes
         (torch.compile and CUDA graphs capture a step once, and no position is read back to the host).
         """
         bsz, seqlen = tokens.shape
         max_seq_len = self.layers[0].attention.cache.k.shape[2]
-        if isinstance(start_pos, int):
-            if not 0 <= start_pos <= max_seq_len - seqlen:
+        if isinstance(start_pos, numbers.Integral):
+            cache_len = cache_len or int(start_pos) + seqlen
+            if not 0 <= start_pos <= cache_len - seqlen or cache_len > max_seq_len:
                 raise ValueError(f"positions {start_pos}..{start_pos + seqlen - 1} do not fit the cache of "
-                                 f"max_seq_len={max_seq_len}")
-            cache_len = cache_len or start_pos + seqlen
-            start_pos = torch.full((bsz,), start_pos, device=tokens.device)
+                                 f"max_seq_len={max_seq_len} (reading {cache_len} positions)")
+            start_pos = torch.full((bsz,), int(start_pos), device=tokens.device)
+        elif start_pos.dim() == 0:  # one position for every row, as a tensor
+            start_pos = start_pos.expand(bsz)
         if start_pos.shape != (bsz,) or (rows is not None and rows.shape != (bsz,)):
-            raise ValueError(f"start_pos and rows must give one value per row of tokens {tuple(tokens.shape)}")
+            raise ValueError(f"start_pos and rows must give one value per row of tokens {tuple(tokens.shape)}, got "
+                             f"{tuple(start_pos.shape)} and {None if rows is None else tuple(rows.shape)}")
         positions = start_pos[:, None] + torch.arange(seqlen, device=tokens.device)
         rotation = self.rotation(positions)
         h = self.tok_embeddings(tokens)  # (B, S, dim)

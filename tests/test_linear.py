@@ -273,8 +273,9 @@ def test_cpu_decode_engine_matches_the_model(build, config, dtype, quantize):
 
 @needs_kernels
 def test_cpu_decode_engine_reads_the_models_own_tensors(build):
-    """The engine points at the model's tensors: a weight changed in place is used at once. It is made only for
-    models whose every linear it can run: a plain fairscale linear (PyTorch's matmul) in a block means no engine."""
+    """The engine points at the model's tensors: a weight changed in place is used at once, replaced caches are
+    refused. It is made only for models whose every linear it can run: a plain fairscale linear (PyTorch's matmul)
+    in a block means no engine."""
     generator = build("gqa", dtype="bf16", max_batch_size=1)
     model, engine = generator.model, generator.engine
     tokens = torch.randint(3, 500, (1, 8), generator=torch.Generator().manual_seed(5))
@@ -292,6 +293,10 @@ def test_cpu_decode_engine_reads_the_models_own_tensors(build):
             wo.copy_(saved)
     assert not torch.equal(before, after)
     torch.testing.assert_close(after, expected, rtol=0, atol=2e-2)
+    model.setup_caches(1, 64)  # new caches: the engine's pointers would be stale, so it refuses
+    with pytest.raises(RuntimeError, match="KV caches were replaced"):
+        engine(tokens[:, -1:], start)
+    generator.engine = CpuDecodeEngine.for_model(model)
     w2 = model.layers[1].feed_forward.w2
     plain = row_parallel(w2.in_features, w2.out_features)
     plain.weight = torch.nn.Parameter(w2.weight, requires_grad=False)

@@ -91,7 +91,9 @@ def test_static_decode_step_equals_cached_forward(build, config):
         model.forward(tokens[:, :12], 0)
         steps = [model.forward(tokens[:, p : p + 1], torch.full((3,), p)) for p in range(12, 20)]
         with pytest.raises(ValueError, match="one value per row"):
-            model.forward(tokens[:, :2], torch.tensor(0))
+            model.forward(tokens[:2, :1], torch.tensor([12, 12, 12]))
+        with pytest.raises(ValueError, match="positions 5..5 do not fit the cache .*reading 3 positions"):
+            model.forward(tokens[:, :1], 5, cache_len=3)
         with pytest.raises(ValueError, match="positions 60..65 do not fit the cache of max_seq_len=64"):
             model.forward(tokens[:, :6], 60)
     assert torch.allclose(torch.cat(steps, dim=1), full[:, 12:], atol=1e-5, rtol=0)

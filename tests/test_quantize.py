@@ -214,6 +214,10 @@ def test_prequantized_checkpoint_reshards_and_loads_on_any_process_count(tiny_di
     for name in ("consolidated.00.pth", "consolidated.01.pth"):
         a, b = load_shard(str(two / name)), load_shard(str(again / name))
         assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a), name
+    if mode == "int4":  # wo's 64 input features are 2 groups of 32: not split whole among 4 processes
+        with pytest.raises(ValueError, match="int4 in groups of 32: layers.0.attention.wo.weight's 64 input features"):
+            reshard(str(one), str(tmp_path / "four"), model_parallel_size=4)
+        assert not (tmp_path / "four").exists()
     tokens = torch.randint(3, 500, (2, 16), generator=torch.Generator().manual_seed(6))
     logits = []
     for ckpt in (two, one):

@@ -70,6 +70,10 @@ class Checkpoint:
         """The dim of the full tensor `key` that model-parallel ranks split (None: each holds all of it)."""
         return weights.split_dim(key)
 
+    def check_split(self, args: ModelArgs, world: int) -> None:
+        """Raise if the tensors cannot be split for `world` processes (beyond what the heads allow); Meta's and
+        Hugging Face's can always be."""
+
     def expected_shapes(self, args: ModelArgs) -> Dict[str, Tuple[int, ...]]:
         """The full shape of every tensor the files must hold for a model of `args`."""
         return weights.full_shapes(args)
@@ -139,6 +143,7 @@ def load_rank_state_dict(
     tensor again and free it (a surviving view would keep its whole mapping resident).
     """
     check_shapes(source, args)
+    source.check_split(args, world)
     device = torch.device(device)
     jobs = collections.defaultdict(list)  # file -> [(key, piece, dim, start in piece, start in target, length)]
     targets = {}  # key -> (shape this rank keeps, number of pieces it is read from)

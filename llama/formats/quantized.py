@@ -55,6 +55,20 @@ class QuantizedCheckpoint(MetaCheckpoint):
             return None if dim is None else 1 - dim
         return dim
 
+    def check_split(self, args: ModelArgs, world: int) -> None:
+        """int4 groups must not straddle two processes' slices of a layer split on its input features."""
+        if self.scheme["mode"] != "int4":
+            return
+        group = self.scheme["group_size"]
+        for key, shape in weights.full_shapes(args).items():
+            k = shape[-1]
+            if weights.weight(key).linear and weights.split_dim(key) == 1 and k % (group * world):
+                raise ValueError(
+                    f"{self.path} is int4 in groups of {group}: {key}'s {k} input features ({k // group} groups) "
+                    f"cannot be split whole among {world} processes; use a process count that divides {k // group}, "
+                    "or quantize the full-precision checkpoint with a smaller group_size"
+                )
+
     def expected_shapes(self, args: ModelArgs) -> Dict[str, Tuple[int, ...]]:
         shapes = {}
         for key, shape in weights.full_shapes(args).items():
