@@ -3,7 +3,7 @@
 import contextlib
 import os
 import time
-from typing import List, Optional, Tuple, TypedDict
+from typing import Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
 
 import fairscale.nn.model_parallel.layers as fs_layers
 import torch
@@ -17,6 +17,7 @@ from llama.formats.base import load_rank_state_dict
 from llama.kernels import cpu
 from llama.linear import linear_factory, place_weights, prequantized_factory
 from llama.model import Transformer, fuse_projection_keys
+from llama.streaming import RowText, check_stops
 from llama.tokenizer import Tokenizer
 
 
@@ -25,14 +26,26 @@ EOS_CHECK_INTERVAL = 16  # decode steps between host reads of "has every row fin
 
 class CompletionPrediction(TypedDict, total=False):
     generation: str
+    finish_reason: str  # "stop" (EOS, a stop token or string) or "length" (max_gen_len or the context filled)
     tokens: List[str]  # not required
     logprobs: List[float]  # not required
 
 
 class ChatPrediction(TypedDict, total=False):
     generation: Message
+    finish_reason: str
     tokens: List[str]  # not required
     logprobs: List[float]  # not required
+
+
+class StreamEvent(TypedDict, total=False):
+    index: int  # the prompt's
+    text: str  # what this step added to its text
+    tokens: List[str]  # with logprobs: this step's token
+    logprobs: List[float]
+    finish_reason: str  # in a prompt's last event only, with the two counts
+    prompt_tokens: int
+    completion_tokens: int
 
 
 def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
@@ -228,80 +241,73 @@ class Llama:
         echo: bool = False,
     ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
         """Continue each prompt; returns generated ids per prompt (prompt included with echo) cut at the first
-        generated EOS, and each token's log-probability when asked (the first prompt token has none: 0.0).
+        generated EOS, and each token's log-probability when asked (the first prompt token has none: 0.0)."""
+        generation = self._start(prompt_tokens, max_gen_len, temperature, top_p, logprobs)
+        for _ in generation.steps(every_step=False):
+            pass
+        tokens, token_logprobs, _ = generation.results(echo)
+        return tokens, (token_logprobs if logprobs else None)
 
-        Every prompt is prefilled whole (padded to the longest), then each row decodes at its own position until
-        its EOS or its length, and a finished row leaves the batch (on accelerators at the next EOS check; the
-        compiled step keeps its batch, so finished rows repeat their last position there).
-        """
+    def _start(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float, top_p: float,
+               logprobs: bool, stop_token_ids: Sequence[int] = ()) -> "Generation":
         self._check_generate_args(prompt_tokens, max_gen_len, temperature, top_p)
-        pad_id, eos_id = self.tokenizer.pad_id, self.tokenizer.eos_id
-        device = self.model.tok_embeddings.weight.device
-        bsz = len(prompt_tokens)
-        prompt_lens = [len(t) for t in prompt_tokens]
-        ends = [min(self.model.params.max_seq_len, n + max_gen_len) for n in prompt_lens]  # each row's last length
-        total_len, prompt_len = max(ends), max(prompt_lens)
+        bad = [t for t in stop_token_ids if not (isinstance(t, int) and 0 <= t < self.tokenizer.n_words)]
+        if bad:
+            raise ValueError(f"stop token ids {bad} are not in the vocabulary (0..{self.tokenizer.n_words - 1})")
+        return Generation(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs,
+                          [self.tokenizer.eos_id, *stop_token_ids])
 
-        tokens = torch.zeros((bsz, total_len), dtype=torch.long, device=device)  # 0 (unk) pads the prefill
-        for i, t in enumerate(prompt_tokens):
-            tokens[i, : len(t)] = torch.tensor(t, dtype=torch.long, device=device)
-        all_logprobs = torch.zeros((bsz, total_len), dtype=torch.float, device=device) if logprobs else None
-        position = torch.tensor(prompt_lens, device=device)  # each row's next position to fill
-        end = torch.tensor(ends, device=device)
-        live = position < end  # rows still generating
-        last_position = list(prompt_lens)  # a bound on each row's position kept on the host: no device reads
+    @torch.inference_mode()
+    def stream(
+        self,
+        prompt_tokens: List[List[int]],
+        max_gen_len: int,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        logprobs: bool = False,
+        stop: Union[str, Sequence[str]] = (),
+        stop_token_ids: Sequence[int] = (),
+    ) -> Iterator[StreamEvent]:
+        """Continue each prompt, yielding text as each step makes it: {"index": prompt, "text": piece} (with
+        "tokens" and "logprobs" for the step's token when asked), and once per prompt a last event with its
+        "finish_reason" ("stop": EOS, a stop token or a stop string; "length": max_gen_len or the context filled)
+        and "prompt_tokens" and "completion_tokens" counts. A prompt's pieces, joined, are its whole text: never a
+        partial character, and cut before the first stop string, which is not part of it. A row that stops leaves
+        the batch while the others go on."""
+        stops = check_stops(stop)
+        generation = self._start(prompt_tokens, max_gen_len, temperature, top_p, logprobs, stop_token_ids)
+        stop_ids = set(generation.stop_ids)
+        texts = [RowText(self.tokenizer, stops) for _ in prompt_tokens]
+        counts = [0] * len(prompt_tokens)
+        finished = [False] * len(prompt_tokens)
 
-        logits = self.model.forward(tokens[:, :prompt_len], 0)
-        if logprobs:
-            all_logprobs[:, 1:prompt_len] = token_logprobs(logits[:, :-1], tokens[:, 1:prompt_len], pad_id)
-        batch = [i for i in range(bsz) if prompt_lens[i] < ends[i]]
-        if self.compiled_step is not None:
-            batch = list(range(bsz))  # fixed shapes
-        batch_rows = torch.tensor(batch, dtype=torch.long, device=device)
-        last = logits[batch_rows, position[batch_rows] - 1]  # (A, V): each row's logits for its next token
-        del logits  # (B, prompt_len, V) fp32: not kept through decoding
-        step = 0
-        while batch and any(last_position[i] < ends[i] for i in batch):
-            next_token = sample_next(last, temperature, top_p)
-            at = position[batch_rows]
-            writing = live[batch_rows]
-            slot = at.clamp(max=total_len - 1)  # rows that are done write their last token back
-            tokens[batch_rows, slot] = torch.where(writing, next_token, tokens[batch_rows, slot])
-            if logprobs:
-                new = token_logprobs(last[:, None], next_token[:, None], pad_id)[:, 0]
-                all_logprobs[batch_rows, slot] = torch.where(writing, new, all_logprobs[batch_rows, slot])
-            position[batch_rows] = at + writing
-            live[batch_rows] = writing & (next_token != eos_id) & (position[batch_rows] < end[batch_rows])
-            for i in batch:
-                last_position[i] = min(last_position[i] + 1, ends[i])
-            step += 1
-            # Reading `live` waits for the device; on accelerators do it every few steps so decoding never stalls
-            # on it (rows that finished meanwhile only rewrite their last position).
-            if device.type == "cpu" or step % EOS_CHECK_INTERVAL == 0:
-                still = live.tolist()
-                if not any(still):
-                    break
-                if self.compiled_step is None and not all(still[i] for i in batch):
-                    batch = [i for i in batch if still[i]]
-                    batch_rows = torch.tensor(batch, dtype=torch.long, device=device)
-            if not any(last_position[i] < ends[i] for i in batch):
-                break
-            start = position[batch_rows] - 1  # each row's newest token goes in
-            rows = None if batch == list(range(len(batch))) else batch_rows
-            cache_len = max(last_position[i] for i in batch)
-            last = self.decode(tokens[batch_rows, start][:, None], start, rows, cache_len)[:, -1]
+        def last_event(row: int, reason: str) -> StreamEvent:
+            finished[row] = True
+            return {"index": row, "text": texts[row].finish(), "finish_reason": reason,
+                    "prompt_tokens": len(prompt_tokens[row]), "completion_tokens": counts[row]}
 
-        out_tokens, out_logprobs = [], []
-        token_rows = tokens.tolist()
-        logprob_rows = all_logprobs.tolist() if logprobs else None
-        for i, prompt_len in enumerate(prompt_lens):
-            start = 0 if echo else prompt_len
-            generated = token_rows[i][prompt_len : ends[i]]
-            stop = prompt_len + generated.index(eos_id) if eos_id in generated else ends[i]  # a generated EOS only
-            out_tokens.append(token_rows[i][start:stop])
-            if logprobs:
-                out_logprobs.append(logprob_rows[i][start:stop])
-        return out_tokens, (out_logprobs if logprobs else None)
+        for rows, tokens, written, new_logprobs in generation.steps(every_step=True):
+            tokens, written = tokens.tolist(), written.tolist()
+            new_logprobs = new_logprobs.tolist() if logprobs else None
+            for j, row in enumerate(rows):
+                if not written[j] or finished[row]:
+                    continue
+                token = tokens[j]
+                counts[row] += 1
+                piece = "" if token in stop_ids else texts[row].add(token)
+                if piece or logprobs:
+                    event: StreamEvent = {"index": row, "text": piece}
+                    if logprobs:
+                        event.update(tokens=[self.tokenizer.decode([token])], logprobs=[new_logprobs[j]])
+                    yield event
+                if token in stop_ids or texts[row].stopped:
+                    generation.stop(row)
+                    yield last_event(row, "stop")
+                elif counts[row] == generation.ends[row] - len(prompt_tokens[row]):
+                    yield last_event(row, "length")
+        for row in range(len(prompt_tokens)):  # prompts that filled the context: nothing generated
+            if not finished[row]:
+                yield last_event(row, "length")
 
     def text_completion(
         self,
@@ -311,20 +317,28 @@ class Llama:
         max_gen_len: Optional[int] = None,
         logprobs: bool = False,
         echo: bool = False,
+        stop: Union[str, Sequence[str]] = (),
+        stop_token_ids: Sequence[int] = (),
     ) -> List[CompletionPrediction]:
-        """Complete each prompt string; max_gen_len defaults to max_seq_len - 1."""
-        if max_gen_len is None:
-            max_gen_len = self.model.params.max_seq_len - 1
+        """Complete each prompt string; max_gen_len defaults to max_seq_len - 1. Each result says why it ended
+        ("finish_reason"); `stop` strings and `stop_token_ids` end a prompt's text early, as in `stream`."""
         prompt_tokens = [self.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
-        generations, generation_logprobs = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo)
-        results = []
-        for i, ids in enumerate(generations):
-            result: CompletionPrediction = {"generation": self.tokenizer.decode(ids)}
-            if logprobs:
-                result["tokens"] = [self.tokenizer.decode([x]) for x in ids]
-                result["logprobs"] = generation_logprobs[i]
-            results.append(result)
-        return results
+        return self._complete(prompt_tokens, temperature, top_p, max_gen_len, logprobs, echo, stop, stop_token_ids)
+
+    def text_completion_stream(
+        self,
+        prompts: List[str],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+        stop: Union[str, Sequence[str]] = (),
+        stop_token_ids: Sequence[int] = (),
+    ) -> Iterator[StreamEvent]:
+        """text_completion as it is written: the events of `stream`, "index" the prompt's."""
+        prompt_tokens = [self.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
+        return self.stream(prompt_tokens, self._max_gen_len(max_gen_len), temperature, top_p, logprobs, stop,
+                           stop_token_ids)
 
     def chat_completion(
         self,
@@ -333,20 +347,178 @@ class Llama:
         top_p: float = 0.9,
         max_gen_len: Optional[int] = None,
         logprobs: bool = False,
+        stop: Union[str, Sequence[str]] = (),
+        stop_token_ids: Sequence[int] = (),
     ) -> List[ChatPrediction]:
-        """Reply to each dialog as the assistant, in the Llama 2 chat format."""
-        if max_gen_len is None:
-            max_gen_len = self.model.params.max_seq_len - 1
+        """Reply to each dialog as the assistant, in the Llama 2 chat format; "finish_reason" and stops as in
+        text_completion."""
+        results = self._complete(self._encode_dialogs(dialogs), temperature, top_p, max_gen_len, logprobs, False,
+                                 stop, stop_token_ids)
+        for dialog, result in zip(dialogs, results):
+            content = UNSAFE_ERROR if has_special_tags(dialog) else result.pop("generation")
+            result["generation"] = {"role": "assistant", "content": content}
+        return results
+
+    def chat_completion_stream(
+        self,
+        dialogs: List[Dialog],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+        stop: Union[str, Sequence[str]] = (),
+        stop_token_ids: Sequence[int] = (),
+    ) -> Iterator[StreamEvent]:
+        """chat_completion as it is written: the events of `stream`, "index" the dialog's. A dialog that smuggles
+        in the format's tags gets Meta's error reply as its only text."""
+        unsafe = [has_special_tags(d) for d in self._validated(dialogs)]
+        events = self.stream(self._encode_dialogs(dialogs), self._max_gen_len(max_gen_len), temperature, top_p,
+                             logprobs, stop, stop_token_ids)
+        for event in events:
+            if unsafe[event["index"]]:
+                if "finish_reason" not in event:
+                    continue
+                event = {**event, "text": UNSAFE_ERROR}
+            yield event
+
+    def _max_gen_len(self, max_gen_len: Optional[int]) -> int:
+        return self.model.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
+
+    @staticmethod
+    def _validated(dialogs: List[Dialog]) -> List[Dialog]:
         for i, dialog in enumerate(dialogs):
             validate_dialog(dialog, i)
-        prompt_tokens = [encode_dialog(self.tokenizer, d) for d in dialogs]
-        generations, generation_logprobs = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs)
-        results = []
-        for i, (dialog, ids) in enumerate(zip(dialogs, generations)):
-            content = UNSAFE_ERROR if has_special_tags(dialog) else self.tokenizer.decode(ids)
-            result: ChatPrediction = {"generation": {"role": "assistant", "content": content}}
-            if logprobs:
-                result["tokens"] = [self.tokenizer.decode([x]) for x in ids]
-                result["logprobs"] = generation_logprobs[i]
-            results.append(result)
+        return dialogs
+
+    def _encode_dialogs(self, dialogs: List[Dialog]) -> List[List[int]]:
+        return [encode_dialog(self.tokenizer, d) for d in self._validated(dialogs)]
+
+    def _complete(self, prompt_tokens, temperature, top_p, max_gen_len, logprobs, echo, stop,
+                  stop_token_ids) -> List[CompletionPrediction]:
+        """The completions of prompt_tokens: {"generation", "finish_reason"} (+ "tokens", "logprobs")."""
+        max_gen_len = self._max_gen_len(max_gen_len)
+        if check_stops(stop):  # text must be read as it is made: the stream's pieces, joined
+            if echo:
+                raise ValueError("echo=True cannot be combined with stop strings")
+            results = [{"generation": "", "tokens": [], "logprobs": []} for _ in prompt_tokens]
+            for event in self.stream(prompt_tokens, max_gen_len, temperature, top_p, logprobs, stop,
+                                     stop_token_ids):
+                result = results[event["index"]]
+                result["generation"] += event["text"]
+                result["tokens"] += event.get("tokens", [])
+                result["logprobs"] += event.get("logprobs", [])
+                if "finish_reason" in event:
+                    result["finish_reason"] = event["finish_reason"]
+        else:
+            generation = self._start(prompt_tokens, max_gen_len, temperature, top_p, logprobs, stop_token_ids)
+            with torch.inference_mode():
+                for _ in generation.steps(every_step=False):
+                    pass
+            ids, token_logprobs, reasons = generation.results(echo)
+            results = [{"generation": self.tokenizer.decode(row), "finish_reason": reason,
+                        "tokens": [self.tokenizer.decode([x]) for x in row], "logprobs": row_logprobs}
+                       for row, row_logprobs, reason in zip(ids, token_logprobs, reasons)]
+        if not logprobs:
+            for result in results:
+                del result["tokens"], result["logprobs"]
         return results
+
+
+class Generation:
+    """A batch being generated. Every prompt is prefilled whole (padded to the longest), then each step gives every
+    live row one token at its own position, until a stop token (EOS first), a stop asked for with `stop`, or the
+    row's length; a finished row leaves the batch (on accelerators at the next check of which rows are done; the
+    compiled step keeps its batch, so finished rows repeat their last position there)."""
+
+    def __init__(self, llama: Llama, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float,
+                 top_p: float, logprobs: bool, stop_ids: List[int]):
+        self.llama, self.temperature, self.top_p, self.logprobs = llama, temperature, top_p, logprobs
+        self.pad_id = llama.tokenizer.pad_id
+        self.stop_ids = stop_ids
+        self.device = device = llama.model.tok_embeddings.weight.device
+        bsz = len(prompt_tokens)
+        self.prompt_lens = [len(t) for t in prompt_tokens]
+        self.ends = [min(llama.model.params.max_seq_len, n + max_gen_len) for n in self.prompt_lens]  # last lengths
+        self.total_len, prompt_len = max(self.ends), max(self.prompt_lens)
+
+        self.tokens = torch.zeros((bsz, self.total_len), dtype=torch.long, device=device)  # 0 (unk) pads the prefill
+        for i, t in enumerate(prompt_tokens):
+            self.tokens[i, : len(t)] = torch.tensor(t, dtype=torch.long, device=device)
+        self.all_logprobs = torch.zeros((bsz, self.total_len), dtype=torch.float, device=device) if logprobs else None
+        self.position = torch.tensor(self.prompt_lens, device=device)  # each row's next position to fill
+        self.end = torch.tensor(self.ends, device=device)
+        self.stop_tensor = torch.tensor(stop_ids, device=device)
+        self.live = self.position < self.end  # rows still generating
+
+        logits = llama.model.forward(self.tokens[:, :prompt_len], 0)
+        if logprobs:
+            self.all_logprobs[:, 1:prompt_len] = token_logprobs(logits[:, :-1], self.tokens[:, 1:prompt_len],
+                                                                self.pad_id)
+        self.batch = list(range(bsz)) if llama.compiled_step is not None else [  # fixed shapes when compiled
+            i for i in range(bsz) if self.prompt_lens[i] < self.ends[i]]
+        self.batch_rows = torch.tensor(self.batch, dtype=torch.long, device=device)
+        self.last = logits[self.batch_rows, self.position[self.batch_rows] - 1]  # (A, V): each row's next logits
+        self.stopped = set()  # rows `stop` ended
+
+    def stop(self, row: int) -> None:
+        """End a row now (a stop string in its text): it leaves the batch at the next step."""
+        self.stopped.add(row)
+        self.live[row] = False
+
+    def steps(self, every_step: bool) -> Iterator[Tuple[List[int], torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
+        """Generate; after each step yield its rows, their new tokens (A,), whether each was written, i.e. the row
+        was still live (A,) bool, and their log-probabilities (A,) when asked, all on the device. every_step: read
+        which rows are done after every step (as a stream does anyway), not every EOS_CHECK_INTERVAL steps only."""
+        tokens, position, live, end = self.tokens, self.position, self.live, self.end
+        last_position = list(self.prompt_lens)  # a bound on each row's position kept on the host: no device reads
+        step = 0
+        while self.batch and any(last_position[i] < self.ends[i] for i in self.batch):
+            batch, batch_rows = self.batch, self.batch_rows
+            next_token = sample_next(self.last, self.temperature, self.top_p)
+            at = position[batch_rows]
+            writing = live[batch_rows]
+            slot = at.clamp(max=self.total_len - 1)  # rows that are done write their last token back
+            tokens[batch_rows, slot] = torch.where(writing, next_token, tokens[batch_rows, slot])
+            new_logprobs = None
+            if self.logprobs:
+                new_logprobs = token_logprobs(self.last[:, None], next_token[:, None], self.pad_id)[:, 0]
+                self.all_logprobs[batch_rows, slot] = torch.where(writing, new_logprobs,
+                                                                  self.all_logprobs[batch_rows, slot])
+            position[batch_rows] = at + writing
+            live[batch_rows] = (writing & ~torch.isin(next_token, self.stop_tensor)
+                                & (position[batch_rows] < end[batch_rows]))
+            for i in batch:
+                last_position[i] = min(last_position[i] + 1, self.ends[i])
+            yield batch, next_token, writing, new_logprobs
+            step += 1
+            # Reading `live` waits for the device; on accelerators do it every few steps so decoding never stalls
+            # on it (rows that finished meanwhile only rewrite their last position).
+            if every_step or self.device.type == "cpu" or step % EOS_CHECK_INTERVAL == 0:
+                still = live.tolist()
+                if not any(still):
+                    break
+                if self.llama.compiled_step is None and not all(still[i] for i in batch):
+                    self.batch = [i for i in batch if still[i]]
+                    self.batch_rows = torch.tensor(self.batch, dtype=torch.long, device=self.device)
+            if not any(last_position[i] < self.ends[i] for i in self.batch):
+                break
+            start = position[self.batch_rows] - 1  # each row's newest token goes in
+            rows = None if self.batch == list(range(len(self.batch))) else self.batch_rows
+            cache_len = max(last_position[i] for i in self.batch)
+            self.last = self.llama.decode(tokens[self.batch_rows, start][:, None], start, rows, cache_len)[:, -1]
+
+    def results(self, echo: bool) -> Tuple[List[List[int]], List[List[float]], List[str]]:
+        """Per row: its ids (the prompt's too with echo) cut before its first stop token, their log-probabilities
+        (when asked; the first prompt token has none: 0.0), and why it ended ("stop" or "length")."""
+        out_tokens, out_logprobs, reasons = [], [], []
+        token_rows, positions = self.tokens.tolist(), self.position.tolist()
+        logprob_rows = self.all_logprobs.tolist() if self.logprobs else None
+        for i, prompt_len in enumerate(self.prompt_lens):
+            start = 0 if echo else prompt_len
+            generated = token_rows[i][prompt_len : positions[i]]
+            cut = [k for k, t in enumerate(generated) if t in self.stop_ids][:1]  # a generated stop token only
+            stop = prompt_len + cut[0] if cut else positions[i]
+            out_tokens.append(token_rows[i][start:stop])
+            out_logprobs.append(logprob_rows[i][start:stop] if self.logprobs else [])
+            reasons.append("stop" if cut or i in self.stopped else "length")
+        return out_tokens, out_logprobs, reasons

@@ -113,12 +113,12 @@ def test_sampling_is_seeded_and_respects_top_p(build):
 def test_text_completion_result_shape(build):
     generator = build("mha")
     out = generator.text_completion(["hello world", "the city"], temperature=0, max_gen_len=5, logprobs=True)
-    assert [sorted(r) for r in out] == [["generation", "logprobs", "tokens"]] * 2
+    assert [sorted(r) for r in out] == [["finish_reason", "generation", "logprobs", "tokens"]] * 2  # Meta's + one
     for r in out:
         assert len(r["tokens"]) == len(r["logprobs"]) == 5
         assert "".join(r["tokens"]).strip() or r["generation"] is not None
     plain = generator.text_completion(["hello world"], temperature=0, max_gen_len=5)
-    assert plain == [{"generation": out[0]["generation"]}]
+    assert plain == [{"generation": out[0]["generation"], "finish_reason": "length"}]
 
 
 @pytest.mark.parametrize(

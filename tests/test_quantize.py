@@ -133,7 +133,7 @@ def test_quantized_model_tracks_fp32(build, config, mode, group_size):
 def test_quantized_generation_api_is_unchanged(build):
     generator = build("gqa", quantize="int8")
     out = generator.text_completion(["hello world"], temperature=0, max_gen_len=4, logprobs=True)
-    assert sorted(out[0]) == ["generation", "logprobs", "tokens"] and len(out[0]["tokens"]) == 4
+    assert sorted(out[0]) == ["finish_reason", "generation", "logprobs", "tokens"] and len(out[0]["tokens"]) == 4
     chat = generator.chat_completion([[{"role": "user", "content": "hi"}]], max_gen_len=3)
     assert chat[0]["generation"]["role"] == "assistant"
 
