@@ -15,4 +15,5 @@ setup(
     python_requires=">=3.9",
     install_requires=requirements(),
     extras_require={"test": ["pytest", "transformers>=5", "safetensors"]},
+    entry_points={"console_scripts": ["llama-chat = llama.chat:entry_point"]},
 )

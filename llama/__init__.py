@@ -4,7 +4,7 @@ import importlib
 
 # Each public name is imported when first used, so that a tool such as the converter, which only reads and writes
 # files, does not load the model-parallel stack and the kernels.
-_EXPORTS = {"Llama": "llama.generation", "Dialog": "llama.chat", "Message": "llama.chat",
+_EXPORTS = {"Llama": "llama.generation", "Dialog": "llama.dialog", "Message": "llama.dialog",
             "Tokenizer": "llama.tokenizer", "ModelArgs": "llama.config", "Transformer": "llama.model"}
 __all__ = list(_EXPORTS)
 

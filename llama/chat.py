@@ -1,61 +1,161 @@
-"""The Llama 2 chat format: dialogs to prompt token ids."""
+"""Talk to a Llama 2 chat model in the terminal, each answer streamed as it is written.
 
-from typing import List, Literal, Optional, TypedDict
+    python -m llama.chat --ckpt_dir llama-2-7b-chat/ --tokenizer_path tokenizer.model [--system "Answer briefly."]
+    torchrun --nproc_per_node 2 -m llama.chat --ckpt_dir llama-2-13b-chat/ --tokenizer_path tokenizer.model
 
-from llama.tokenizer import Tokenizer
+Commands: /reset (forget the conversation), /system TEXT (a new system prompt, and a fresh conversation), /help,
+/quit (or Ctrl-D). Ctrl-C stops the answer being written (under torchrun it ends the run). When the conversation
+outgrows max_seq_len, its oldest turns are dropped, and the chat says so. Under torchrun, rank 0 reads the terminal
+and sends each line to the other ranks, so every rank generates the same answer in step.
+"""
 
-Role = Literal["system", "user", "assistant"]
+import time
+from typing import Optional
 
+import fire
+import torch.distributed as dist
 
-class Message(TypedDict):
-    role: Role
-    content: str
+from llama.dialog import Dialog, encode_dialog
+from llama.generation import Llama
+from llama.runtime import print_rank0
 
-
-Dialog = List[Message]
-
-B_INST, E_INST = "[INST]", "[/INST]"
-B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
-SPECIAL_TAGS = [B_INST, E_INST, "<<SYS>>", "<</SYS>>"]
-UNSAFE_ERROR = "Error: special tags are not allowed as part of the prompt."
-
-
-def validate_dialog(dialog: Dialog, index: Optional[int] = None) -> None:
-    """Raise ValueError unless dialog is [system], then user/assistant alternating, ending with user."""
-    where = "dialog" if index is None else f"dialog {index}"
-    if not isinstance(dialog, list) or not dialog:
-        raise ValueError(f"{where} must be a non-empty list of messages")
-    for i, message in enumerate(dialog):
-        if not isinstance(message, dict) or not {"role", "content"} <= message.keys():
-            raise ValueError(f"{where}, message {i}: each message is a dict with 'role' and 'content'")
-        if not isinstance(message["content"], str):
-            raise ValueError(f"{where}, message {i}: content must be a str")
-    turns = dialog[1:] if dialog[0]["role"] == "system" else dialog
-    expected = ["user", "assistant"]
-    roles = [m["role"] for m in turns]
-    if not roles or any(role != expected[i % 2] for i, role in enumerate(roles)):
-        raise ValueError(
-            f"{where} has roles {[m['role'] for m in dialog]}: expected an optional 'system' first, "
-            "then 'user' and 'assistant' alternating, starting with 'user'"
-        )
-    if roles[-1] != "user":
-        raise ValueError(f"{where} must end with a 'user' message, not '{roles[-1]}'")
+HELP = "/reset forgets the conversation, /system TEXT sets a new system prompt, /quit (or Ctrl-D) leaves"
 
 
-def has_special_tags(dialog: Dialog) -> bool:
-    """Whether any message smuggles in the format's own tags (the reply is then an error)."""
-    return any(tag in message["content"] for message in dialog for tag in SPECIAL_TAGS)
+def read_line(prompt: str) -> str:
+    """A line from the terminal on rank 0, sent to every rank; '/quit' at end of input."""
+    line = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            line = input(prompt)
+        except EOFError:
+            print()
+            line = "/quit"
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        shared = [line]
+        dist.broadcast_object_list(shared, src=0)
+        line = shared[0]
+    return line
 
 
-def encode_dialog(tokenizer: Tokenizer, dialog: Dialog) -> List[int]:
-    """Prompt ids: BOS [INST] user [/INST] assistant EOS for each finished turn, then BOS [INST] user [/INST]."""
-    validate_dialog(dialog)
-    if dialog[0]["role"] == "system":
-        first_user = B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]
-        dialog = [{"role": "user", "content": first_user}] + dialog[2:]
-    ids: List[int] = []
-    for user, assistant in zip(dialog[:-1:2], dialog[1::2]):
-        text = f"{B_INST} {user['content'].strip()} {E_INST} {assistant['content'].strip()} "
-        ids += tokenizer.encode(text, bos=True, eos=True)
-    ids += tokenizer.encode(f"{B_INST} {dialog[-1]['content'].strip()} {E_INST}", bos=True, eos=False)
-    return ids
+class Chat:
+    """A conversation: the system prompt and the turns so far, kept within the context."""
+
+    def __init__(self, generator: Llama, system: Optional[str], answer_room: int):
+        self.generator = generator
+        self.answer_room = answer_room  # tokens kept free for each answer
+        self.system = system
+        self.turns: Dialog = []
+        self.check_system()
+
+    def check_system(self) -> None:
+        if self.prompt_tokens([{"role": "user", "content": ""}]) > self.limit():
+            raise ValueError(f"the system prompt alone leaves no room in max_seq_len="
+                             f"{self.generator.model.params.max_seq_len} for a message and an answer of "
+                             f"{self.answer_room} tokens: shorten it, or raise --max_seq_len")
+
+    def limit(self) -> int:
+        return self.generator.model.params.max_seq_len - self.answer_room
+
+    def dialog(self, turns: Dialog) -> Dialog:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + turns
+
+    def prompt_tokens(self, turns: Dialog) -> int:
+        return len(encode_dialog(self.generator.tokenizer, self.dialog(turns)))
+
+    def ask(self, message: str) -> Optional[Dialog]:
+        """The dialog to answer with `message` added, dropping the oldest turns as needed (and saying so); None
+        when the message alone is too long."""
+        turns = self.turns + [{"role": "user", "content": message}]
+        dropped = 0
+        while self.prompt_tokens(turns) > self.limit() and len(turns) > 1:
+            turns = turns[2:]
+            dropped += 1
+        if self.prompt_tokens(turns) > self.limit():
+            print_rank0(f"[this message is too long for max_seq_len={self.generator.model.params.max_seq_len}; "
+                        "nothing was sent]")
+            return None
+        if dropped:
+            print_rank0(f"[the conversation outgrew max_seq_len={self.generator.model.params.max_seq_len}: dropped "
+                        f"the oldest {dropped} exchange(s)]")
+        self.turns = turns
+        return self.dialog(turns)
+
+
+def main(
+    ckpt_dir: str,
+    tokenizer_path: Optional[str] = None,
+    system: Optional[str] = None,
+    temperature: float = 0.6,
+    top_p: float = 0.9,
+    max_seq_len: int = 2048,
+    max_gen_len: Optional[int] = None,
+    seed: int = 1,
+    device: Optional[str] = None,
+    dtype: Optional[str] = None,
+    quantize: Optional[str] = None,
+    group_size: Optional[int] = None,
+    show_speed: bool = False,
+):
+    """Chat with the model in ckpt_dir; --system sets a system prompt; the other flags are the examples'.
+    --max_gen_len bounds each answer (default: a quarter of max_seq_len); --show_speed prints tokens/s after each
+    answer."""
+    generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size=1, seed=seed, device=device,
+                            dtype=dtype, quantize=quantize, group_size=group_size)
+    answer_room = max_gen_len or max_seq_len // 4
+    chat = Chat(generator, system, answer_room)
+    print_rank0(f"[{HELP}]")
+    while True:
+        try:
+            line = read_line("> ")
+        except KeyboardInterrupt:  # at the prompt: a fresh line
+            print_rank0()
+            continue
+        command, _, argument = line.strip().partition(" ")
+        if command == "/quit":
+            return
+        if command == "/help" or not line.strip():
+            print_rank0(f"[{HELP}]")
+            continue
+        if command == "/reset":
+            chat.turns = []
+            print_rank0("[conversation forgotten]")
+            continue
+        if command == "/system":
+            previous, chat.system = chat.system, argument.strip() or None
+            try:
+                chat.check_system()
+            except ValueError as err:
+                chat.system = previous
+                print_rank0(f"[{err}]")
+                continue
+            chat.turns = []
+            print_rank0(f"[system prompt {'set' if chat.system else 'removed'}; conversation forgotten]")
+            continue
+        dialog = chat.ask(line)
+        if dialog is None:
+            continue
+        answer, tokens, start = [], 0, time.perf_counter()
+        events = generator.chat_completion_stream([dialog], temperature=temperature, top_p=top_p,
+                                                  max_gen_len=answer_room)
+        try:
+            for event in events:
+                print_rank0(event["text"], end="", flush=True)
+                answer.append(event["text"])
+                tokens = event.get("completion_tokens", tokens)
+        except KeyboardInterrupt:
+            events.close()
+            print_rank0(" [stopped]", end="")
+        print_rank0()
+        if show_speed and tokens:
+            print_rank0(f"[{tokens} tokens, {tokens / (time.perf_counter() - start):.2f} tokens/s]")
+        chat.turns.append({"role": "assistant", "content": "".join(answer)})
+
+
+def entry_point() -> None:
+    """The `llama-chat` console script."""
+    fire.Fire(main)
+
+
+if __name__ == "__main__":
+    entry_point()

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from llama import runtime, weights
-from llama.chat import UNSAFE_ERROR, Dialog, Message, encode_dialog, has_special_tags, validate_dialog
+from llama.dialog import UNSAFE_ERROR, Dialog, Message, encode_dialog, has_special_tags, validate_dialog
 from llama.engine import CpuDecodeEngine
 from llama.formats import open_checkpoint
 from llama.formats.base import load_rank_state_dict
@@ -410,8 +410,8 @@ class Llama:
                 if "finish_reason" in event:
                     result["finish_reason"] = event["finish_reason"]
         else:
-            generation = self._start(prompt_tokens, max_gen_len, temperature, top_p, logprobs, stop_token_ids)
             with torch.inference_mode():
+                generation = self._start(prompt_tokens, max_gen_len, temperature, top_p, logprobs, stop_token_ids)
                 for _ in generation.steps(every_step=False):
                     pass
             ids, token_logprobs, reasons = generation.results(echo)

@@ -3,7 +3,7 @@
 import pytest
 
 from llama import Tokenizer
-from llama.chat import UNSAFE_ERROR, encode_dialog
+from llama.dialog import UNSAFE_ERROR, encode_dialog
 
 
 @pytest.fixture(scope="module")
