@@ -4,18 +4,23 @@
     torchrun --nproc_per_node 2 -m llama.chat --ckpt_dir llama-2-13b-chat/ --tokenizer_path tokenizer.model
 
 Commands: /reset (forget the conversation), /system TEXT (a new system prompt, and a fresh conversation), /help,
-/quit (or Ctrl-D). Ctrl-C stops the answer being written (under torchrun it ends the run). When the conversation
-outgrows max_seq_len, its oldest turns are dropped, and the chat says so. Under torchrun, rank 0 reads the terminal
-and sends each line to the other ranks, so every rank generates the same answer in step.
+/quit (or Ctrl-D). Ctrl-C stops the answer being written. When the conversation outgrows max_seq_len, its oldest
+turns are dropped, and the chat says so. Under torchrun, rank 0 reads the terminal and sends each line, and each
+Ctrl-C, to the other ranks, so every rank generates the same answer in step.
 """
 
+import os
+import select
+import sys
+import termios
 import time
 from typing import Optional
 
 import fire
+import torch
 import torch.distributed as dist
 
-from llama.dialog import Dialog, encode_dialog
+from llama.dialog import SPECIAL_TAGS, Dialog, encode_dialog
 from llama.generation import Llama
 from llama.runtime import print_rank0
 
@@ -38,10 +43,49 @@ def read_line(prompt: str) -> str:
     return line
 
 
+class StopKey:
+    """Ctrl-C while an answer is written, read by rank 0 as a key rather than a signal (the terminal's signal keys
+    and line buffering turned off meanwhile): torchrun would end the run on SIGINT, and a key can be sent to the
+    other ranks at the same point of the answer. Other keys typed meanwhile are discarded."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.shared = dist.is_initialized() and dist.get_world_size() > 1
+        reader = not dist.is_initialized() or dist.get_rank() == 0
+        self.fd = sys.stdin.fileno() if reader and sys.stdin.isatty() else None
+        self.saved = None
+
+    def __enter__(self) -> "StopKey":
+        if self.fd is not None:
+            self.saved = termios.tcgetattr(self.fd)
+            keys = termios.tcgetattr(self.fd)
+            keys[3] &= ~(termios.ISIG | termios.ICANON | termios.ECHO)  # lflags
+            termios.tcsetattr(self.fd, termios.TCSANOW, keys)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.saved is not None:
+            termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
+
+    def pressed(self) -> bool:
+        """Whether Ctrl-C was pressed since the last call: the same answer on every rank."""
+        hit = False
+        while self.fd is not None and select.select([self.fd], [], [], 0)[0]:
+            hit |= b"\x03" in os.read(self.fd, 64)
+        if self.shared:
+            flag = torch.tensor([int(hit)], device=self.device)
+            dist.broadcast(flag, src=0)
+            hit = bool(flag.item())
+        return hit
+
+
 class Chat:
     """A conversation: the system prompt and the turns so far, kept within the context."""
 
     def __init__(self, generator: Llama, system: Optional[str], answer_room: int):
+        if not 0 < answer_room < generator.model.params.max_seq_len:
+            raise ValueError(f"--max_gen_len {answer_room} leaves no room for a message in max_seq_len="
+                             f"{generator.model.params.max_seq_len}: choose a smaller one")
         self.generator = generator
         self.answer_room = answer_room  # tokens kept free for each answer
         self.system = system
@@ -49,6 +93,8 @@ class Chat:
         self.check_system()
 
     def check_system(self) -> None:
+        if self.system and any(tag in self.system for tag in SPECIAL_TAGS):
+            raise ValueError(f"the system prompt may not contain the chat format's tags {SPECIAL_TAGS}")
         if self.prompt_tokens([{"role": "user", "content": ""}]) > self.limit():
             raise ValueError(f"the system prompt alone leaves no room in max_seq_len="
                              f"{self.generator.model.params.max_seq_len} for a message and an answer of "
@@ -65,7 +111,10 @@ class Chat:
 
     def ask(self, message: str) -> Optional[Dialog]:
         """The dialog to answer with `message` added, dropping the oldest turns as needed (and saying so); None
-        when the message alone is too long."""
+        when the message alone is too long, or holds the chat format's tags."""
+        if any(tag in message for tag in SPECIAL_TAGS):
+            print_rank0(f"[messages may not contain the chat format's tags {SPECIAL_TAGS}; nothing was sent]")
+            return None
         turns = self.turns + [{"role": "user", "content": message}]
         dropped = 0
         while self.prompt_tokens(turns) > self.limit() and len(turns) > 1:
@@ -132,24 +181,38 @@ def main(
             chat.turns = []
             print_rank0(f"[system prompt {'set' if chat.system else 'removed'}; conversation forgotten]")
             continue
-        dialog = chat.ask(line)
-        if dialog is None:
-            continue
-        answer, tokens, start = [], 0, time.perf_counter()
-        events = generator.chat_completion_stream([dialog], temperature=temperature, top_p=top_p,
-                                                  max_gen_len=answer_room)
+        try:
+            answer_turn(generator, chat, line, temperature, top_p, answer_room, show_speed)
+        except KeyboardInterrupt:  # (one process) a SIGINT between reading the line and writing the answer
+            print_rank0(" [stopped]")
+
+
+def answer_turn(generator: Llama, chat: Chat, line: str, temperature: float, top_p: float, answer_room: int,
+                show_speed: bool) -> None:
+    """Answer one line of the user's, streaming the answer; it joins the conversation, even if stopped."""
+    dialog = chat.ask(line)
+    if dialog is None:
+        return
+    answer, tokens, start = [], 0, time.perf_counter()
+    events = generator.chat_completion_stream([dialog], temperature=temperature, top_p=top_p,
+                                              max_gen_len=answer_room)
+    with StopKey(generator.model.tok_embeddings.weight.device) as stop_key:
         try:
             for event in events:
                 print_rank0(event["text"], end="", flush=True)
                 answer.append(event["text"])
                 tokens = event.get("completion_tokens", tokens)
-        except KeyboardInterrupt:
-            events.close()
+                if stop_key.pressed():
+                    print_rank0(" [stopped]", end="")
+                    break
+        except KeyboardInterrupt:  # a SIGINT not from the keyboard (one process)
             print_rank0(" [stopped]", end="")
-        print_rank0()
-        if show_speed and tokens:
-            print_rank0(f"[{tokens} tokens, {tokens / (time.perf_counter() - start):.2f} tokens/s]")
-        chat.turns.append({"role": "assistant", "content": "".join(answer)})
+        finally:  # a stopped answer joins the conversation as far as it got
+            events.close()
+            chat.turns.append({"role": "assistant", "content": "".join(answer)})
+    print_rank0()
+    if show_speed and tokens:
+        print_rank0(f"[{tokens} tokens, {tokens / (time.perf_counter() - start):.2f} tokens/s]")
 
 
 def entry_point() -> None:

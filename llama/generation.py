@@ -206,7 +206,10 @@ class Llama:
             return self.engine(tokens, start_pos, rows)
         return self.model.forward(tokens, start_pos, rows, cache_len)
 
-    def _check_generate_args(self, prompt_tokens, max_gen_len, temperature, top_p) -> None:
+    def _check_generate_args(self, prompt_tokens, max_gen_len, temperature, top_p, stop_token_ids=()) -> None:
+        bad = [t for t in stop_token_ids if not (isinstance(t, int) and 0 <= t < self.tokenizer.n_words)]
+        if bad:
+            raise ValueError(f"stop token ids {bad} are not in the vocabulary (0..{self.tokenizer.n_words - 1})")
         params = self.model.params
         if not prompt_tokens:
             raise ValueError("no prompts given")
@@ -250,14 +253,10 @@ class Llama:
 
     def _start(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float, top_p: float,
                logprobs: bool, stop_token_ids: Sequence[int] = ()) -> "Generation":
-        self._check_generate_args(prompt_tokens, max_gen_len, temperature, top_p)
-        bad = [t for t in stop_token_ids if not (isinstance(t, int) and 0 <= t < self.tokenizer.n_words)]
-        if bad:
-            raise ValueError(f"stop token ids {bad} are not in the vocabulary (0..{self.tokenizer.n_words - 1})")
+        self._check_generate_args(prompt_tokens, max_gen_len, temperature, top_p, stop_token_ids)
         return Generation(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs,
                           [self.tokenizer.eos_id, *stop_token_ids])
 
-    @torch.inference_mode()
     def stream(
         self,
         prompt_tokens: List[List[int]],
@@ -265,16 +264,23 @@ class Llama:
         temperature: float = 0.6,
         top_p: float = 0.9,
         logprobs: bool = False,
-        stop: Union[str, Sequence[str]] = (),
+        stop: Union[None, str, Sequence[str]] = (),
         stop_token_ids: Sequence[int] = (),
     ) -> Iterator[StreamEvent]:
         """Continue each prompt, yielding text as each step makes it: {"index": prompt, "text": piece} (with
         "tokens" and "logprobs" for the step's token when asked), and once per prompt a last event with its
         "finish_reason" ("stop": EOS, a stop token or a stop string; "length": max_gen_len or the context filled)
-        and "prompt_tokens" and "completion_tokens" counts. A prompt's pieces, joined, are its whole text: never a
-        partial character, and cut before the first stop string, which is not part of it. A row that stops leaves
-        the batch while the others go on."""
+        and "prompt_tokens" and "completion_tokens" counts (a stop token counts). A prompt's pieces, joined, are
+        its whole text: never a partial character, and cut before the first stop string, which is not part of it.
+        A row that stops leaves the batch while the others go on. Arguments are checked at once, before the first
+        event is asked for."""
         stops = check_stops(stop)
+        self._check_generate_args(prompt_tokens, max_gen_len, temperature, top_p, stop_token_ids)
+        return self._events(prompt_tokens, max_gen_len, temperature, top_p, logprobs, stops, stop_token_ids)
+
+    @torch.inference_mode()
+    def _events(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs, stops,
+                stop_token_ids) -> Iterator[StreamEvent]:
         generation = self._start(prompt_tokens, max_gen_len, temperature, top_p, logprobs, stop_token_ids)
         stop_ids = set(generation.stop_ids)
         texts = [RowText(self.tokenizer, stops) for _ in prompt_tokens]
@@ -295,7 +301,7 @@ class Llama:
                 token = tokens[j]
                 counts[row] += 1
                 piece = "" if token in stop_ids else texts[row].add(token)
-                if piece or logprobs:
+                if piece or (logprobs and token not in stop_ids):  # like the text, logprobs end before a stop token
                     event: StreamEvent = {"index": row, "text": piece}
                     if logprobs:
                         event.update(tokens=[self.tokenizer.decode([token])], logprobs=[new_logprobs[j]])
@@ -317,7 +323,7 @@ class Llama:
         max_gen_len: Optional[int] = None,
         logprobs: bool = False,
         echo: bool = False,
-        stop: Union[str, Sequence[str]] = (),
+        stop: Union[None, str, Sequence[str]] = (),
         stop_token_ids: Sequence[int] = (),
     ) -> List[CompletionPrediction]:
         """Complete each prompt string; max_gen_len defaults to max_seq_len - 1. Each result says why it ended
@@ -332,7 +338,7 @@ class Llama:
         top_p: float = 0.9,
         max_gen_len: Optional[int] = None,
         logprobs: bool = False,
-        stop: Union[str, Sequence[str]] = (),
+        stop: Union[None, str, Sequence[str]] = (),
         stop_token_ids: Sequence[int] = (),
     ) -> Iterator[StreamEvent]:
         """text_completion as it is written: the events of `stream`, "index" the prompt's."""
@@ -347,7 +353,7 @@ class Llama:
         top_p: float = 0.9,
         max_gen_len: Optional[int] = None,
         logprobs: bool = False,
-        stop: Union[str, Sequence[str]] = (),
+        stop: Union[None, str, Sequence[str]] = (),
         stop_token_ids: Sequence[int] = (),
     ) -> List[ChatPrediction]:
         """Reply to each dialog as the assistant, in the Llama 2 chat format; "finish_reason" and stops as in
@@ -366,7 +372,7 @@ class Llama:
         top_p: float = 0.9,
         max_gen_len: Optional[int] = None,
         logprobs: bool = False,
-        stop: Union[str, Sequence[str]] = (),
+        stop: Union[None, str, Sequence[str]] = (),
         stop_token_ids: Sequence[int] = (),
     ) -> Iterator[StreamEvent]:
         """chat_completion as it is written: the events of `stream`, "index" the dialog's. A dialog that smuggles
@@ -374,12 +380,8 @@ class Llama:
         unsafe = [has_special_tags(d) for d in self._validated(dialogs)]
         events = self.stream(self._encode_dialogs(dialogs), self._max_gen_len(max_gen_len), temperature, top_p,
                              logprobs, stop, stop_token_ids)
-        for event in events:
-            if unsafe[event["index"]]:
-                if "finish_reason" not in event:
-                    continue
-                event = {**event, "text": UNSAFE_ERROR}
-            yield event
+        return (event if not unsafe[event["index"]] else {**event, "text": UNSAFE_ERROR}
+                for event in events if not unsafe[event["index"]] or "finish_reason" in event)
 
     def _max_gen_len(self, max_gen_len: Optional[int]) -> int:
         return self.model.params.max_seq_len - 1 if max_gen_len is None else max_gen_len

@@ -7,16 +7,16 @@ in U+FFFD. Text that could still be the start of a stop string is held back unti
 released, joined, are exactly the final text: the decoding of every token, cut before the first stop string.
 """
 
-from typing import List, Sequence
+from typing import List, Sequence, Union
 
 from llama.tokenizer import Tokenizer
 
 REPLACEMENT = "\ufffd"  # what an incomplete byte-fallback sequence decodes to
 
 
-def check_stops(stops: Sequence[str]) -> List[str]:
-    """The stop strings of a call, checked: a str or a list of non-empty str."""
-    stops = [stops] if isinstance(stops, str) else list(stops)
+def check_stops(stops: Union[None, str, Sequence[str]]) -> List[str]:
+    """The stop strings of a call, checked: None, a str or a list of non-empty str."""
+    stops = [] if stops is None else [stops] if isinstance(stops, str) else list(stops)
     if not all(isinstance(s, str) and s for s in stops):
         raise ValueError(f"stop strings must be non-empty str, got {stops!r}")
     return stops
@@ -42,22 +42,25 @@ class RowText:
         after = self.tokenizer.decode(self.ids[self.window :])
         if after.endswith(REPLACEMENT) or len(after) <= len(before):
             return ""  # part of a character: wait for the rest
-        searched = max(0, len(self.text) - max((len(s) for s in self.stops), default=0))
-        self.text += after[len(before) :]
+        self._extend(after[len(before) :])
         self.window, self.decoded = self.decoded, len(self.ids)
-        found = [i for i in (self.text.find(s, searched) for s in self.stops) if i >= 0]
-        if found:
-            self.text, self.stopped = self.text[: min(found)], True
-            return self._release(len(self.text))
-        return self._release(len(self.text) - self._held_back())
+        return self._release(len(self.text) if self.stopped else len(self.text) - self._held_back())
 
     def finish(self) -> str:
         """The row has ended: whatever text is still held back (an unfinished character comes out as decoded)."""
         if not self.stopped and self.decoded < len(self.ids):
-            self.text += self.tokenizer.decode(self.ids[self.window :])[len(
-                self.tokenizer.decode(self.ids[self.window : self.decoded])) :]
+            self._extend(self.tokenizer.decode(self.ids[self.window :])[len(
+                self.tokenizer.decode(self.ids[self.window : self.decoded])) :])
             self.decoded = len(self.ids)
         return self._release(len(self.text))
+
+    def _extend(self, new: str) -> None:
+        """Add decoded text, cut before the first stop string it completes."""
+        searched = max(0, len(self.text) - max((len(s) for s in self.stops), default=0))
+        self.text += new
+        found = [i for i in (self.text.find(s, searched) for s in self.stops) if i >= 0]
+        if found:
+            self.text, self.stopped = self.text[: min(found)], True
 
     def _held_back(self) -> int:
         """Length of the longest end of the text that is the start of a stop string."""

@@ -12,6 +12,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
 HELP_END = "(or Ctrl-D) leaves]\n"
+TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
 def chat_command(ckpt_dir, tokenizer_path, *flags):
@@ -74,10 +75,7 @@ def expected_answers(build, turns, max_gen_len):
     return answers
 
 
-@pytest.mark.parametrize("launcher, checkpoint", [
-    ([sys.executable], "gqa-mp1"),
-    ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], "gqa-mp2"),
-])
+@pytest.mark.parametrize("launcher, checkpoint", [([sys.executable], "gqa-mp1"), (TORCHRUN_2, "gqa-mp2")])
 def test_a_conversation_is_kept_and_each_answer_is_the_models(build, tiny_dir, tokenizer_path, launcher, checkpoint):
     """Lines on standard input (under torchrun rank 0 reads them and every rank answers in step): each answer is
     what chat_completion gives the whole conversation so far, printed once."""
@@ -92,9 +90,12 @@ def test_a_conversation_is_kept_and_each_answer_is_the_models(build, tiny_dir, t
     assert out.stdout.split(HELP_END, 1)[1] == "".join(f"> {answer}\n" for answer in answers) + "> "
 
 
-def test_ctrl_c_stops_an_answer_and_ctrl_d_leaves(tiny_dir, tokenizer_path):
-    terminal = Terminal([sys.executable] + chat_command(tiny_dir / "gqa-mp1", tokenizer_path, "--max_seq_len", "4096",
-                                                        "--max_gen_len", "4000", "--show_speed"))
+@pytest.mark.parametrize("launcher, checkpoint", [([sys.executable], "gqa-mp1"), (TORCHRUN_2, "gqa-mp2")])
+def test_ctrl_c_stops_an_answer_and_ctrl_d_leaves(tiny_dir, tokenizer_path, launcher, checkpoint):
+    """In a terminal, with one process or two: Ctrl-C stops the answer being written (under torchrun too, whose
+    launcher would end the run on a SIGINT), the conversation goes on, Ctrl-D leaves."""
+    terminal = Terminal(launcher + chat_command(tiny_dir / checkpoint, tokenizer_path, "--max_seq_len", "4096",
+                                                "--max_gen_len", "4000", "--show_speed"))
     terminal.read_until(HELP_END + "> ")
     terminal.type("hello\n")
     terminal.read_until("hello\n")
@@ -121,17 +122,22 @@ def test_a_conversation_that_outgrows_the_context_drops_its_oldest_turns(tiny_di
     assert "[this message is too long for max_seq_len=64; nothing was sent]" in terminal.read_until("\n> ")
     terminal.type("/system " + "answer " * 80 + "\n")
     assert "the system prompt alone leaves no room" in terminal.read_until("\n> ")
+    terminal.type("what is [INST] here\n")  # the format's own tags: refused, and the conversation stays usable
+    assert "[messages may not contain the chat format's tags" in terminal.read_until("\n> ")
     terminal.type("/reset\n")
     assert "[conversation forgotten]" in terminal.read_until("\n> ")
     terminal.type("/quit\n")
     assert terminal.exit_code() == 0
 
 
-def test_a_system_prompt_longer_than_the_context_is_refused(tiny_dir, tokenizer_path):
-    command = [sys.executable] + chat_command(tiny_dir / "gqa-mp1", tokenizer_path, "--max_seq_len", "64",
-                                              "--system", "answer " * 80)
+@pytest.mark.parametrize("flags, message", [
+    (["--system", "answer " * 80], "the system prompt alone leaves no room in max_seq_len=64"),
+    (["--max_gen_len", "64"], "--max_gen_len 64 leaves no room for a message in max_seq_len=64"),
+])
+def test_a_system_prompt_or_answer_longer_than_the_context_is_refused(tiny_dir, tokenizer_path, flags, message):
+    command = [sys.executable] + chat_command(tiny_dir / "gqa-mp1", tokenizer_path, "--max_seq_len", "64", *flags)
     out = subprocess.run(command, input="", capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
-    assert out.returncode != 0 and "the system prompt alone leaves no room in max_seq_len=64" in out.stderr
+    assert out.returncode != 0 and message in out.stderr
 
 
 def test_pip_installs_the_llama_chat_command(tiny_dir, tokenizer_path):

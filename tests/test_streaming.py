@@ -5,6 +5,7 @@ import random
 import pytest
 import torch
 
+from llama.dialog import UNSAFE_ERROR
 from llama.streaming import RowText
 
 PROMPTS = ["the capital of france", "hello", "a model token weight layer head attention cache"]
@@ -129,8 +130,7 @@ def test_chat_streams_and_says_why_it_ended(build):
     expected = generator.chat_completion(dialogs, temperature=0, max_gen_len=6)
     pieces, last = collect(generator.chat_completion_stream(dialogs, temperature=0, max_gen_len=6))
     assert "".join(pieces[0]) == expected[0]["generation"]["content"]
-    assert "".join(pieces[1]) == expected[1]["generation"]["content"] == "Error: special tags are not allowed as part " \
-                                                                        "of the prompt."
+    assert "".join(pieces[1]) == expected[1]["generation"]["content"] == UNSAFE_ERROR
     assert [last[i]["finish_reason"] for i in (0, 1)] == [r["finish_reason"] for r in expected]
 
 
@@ -144,3 +144,18 @@ def test_chat_streams_and_says_why_it_ended(build):
 def test_bad_stops_are_refused_before_generating(build, kwargs, message):
     with pytest.raises(ValueError, match=message):
         build("mha").text_completion(["hello"], max_gen_len=4, **kwargs)
+    if "echo" not in kwargs:  # a stream refuses them when it is made, before any event is asked for
+        with pytest.raises(ValueError, match=message):
+            build("mha").text_completion_stream(["hello"], max_gen_len=4, **kwargs)
+
+
+def test_logprobs_end_with_the_text_whichever_way_it_is_stopped(build):
+    """A stop token ends the tokens and logprobs as it ends the text, with or without stop strings in the call;
+    stop=None means no stop strings."""
+    generator = build("mha")
+    first = generator.generate([[1, 40, 41]], max_gen_len=6, temperature=0)[0][0]
+    kwargs = dict(temperature=0, max_gen_len=10, logprobs=True, stop_token_ids=[first[2]])
+    plain = generator.text_completion(["x", "hello"], **kwargs)
+    with_stops = generator.text_completion(["x", "hello"], stop=["no such text"], **kwargs)
+    assert plain == with_stops
+    assert generator.text_completion(["x"], max_gen_len=3, stop=None)[0]["finish_reason"] == "length"
