@@ -40,7 +40,7 @@ def main(
     device: Optional[str] = None,
     dtype: Optional[str] = None,
     quantize: Optional[str] = None,
-    group_size: int = 128,
+    group_size: Optional[int] = None,
     compile: bool = False,
 ):
     """Run the example prompts; --device (cpu, cuda, mps) and --dtype (bf16, fp16, fp32) override the defaults;

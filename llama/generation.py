@@ -48,6 +48,14 @@ class StreamEvent(TypedDict, total=False):
     completion_tokens: int
 
 
+def as_list(prompts, name: str) -> list:
+    """prompts as given, refusing a lone str (which would be completed character by character)."""
+    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"{name} must be a list of str, one per prompt; got {type(prompts).__name__}: wrap a single "
+                        "prompt in a list")
+    return list(prompts)
+
+
 def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
     """Nucleus sampling: draw from the smallest set of top tokens whose mass reaches p. probs (B, V) -> ids (B,)."""
     sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
@@ -207,6 +215,8 @@ class Llama:
         return self.model.forward(tokens, start_pos, rows, cache_len)
 
     def _check_generate_args(self, prompt_tokens, max_gen_len, temperature, top_p, stop_token_ids=()) -> None:
+        if not isinstance(prompt_tokens, (list, tuple)) or not all(isinstance(t, (list, tuple)) for t in prompt_tokens):
+            raise TypeError("prompt_tokens must be a list of token-id lists, one per prompt")
         bad = [t for t in stop_token_ids if not (isinstance(t, int) and 0 <= t < self.tokenizer.n_words)]
         if bad:
             raise ValueError(f"stop token ids {bad} are not in the vocabulary (0..{self.tokenizer.n_words - 1})")
@@ -328,7 +338,7 @@ class Llama:
     ) -> List[CompletionPrediction]:
         """Complete each prompt string; max_gen_len defaults to max_seq_len - 1. Each result says why it ended
         ("finish_reason"); `stop` strings and `stop_token_ids` end a prompt's text early, as in `stream`."""
-        prompt_tokens = [self.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
+        prompt_tokens = [self.tokenizer.encode(p, bos=True, eos=False) for p in as_list(prompts, "prompts")]
         return self._complete(prompt_tokens, temperature, top_p, max_gen_len, logprobs, echo, stop, stop_token_ids)
 
     def text_completion_stream(
@@ -342,7 +352,7 @@ class Llama:
         stop_token_ids: Sequence[int] = (),
     ) -> Iterator[StreamEvent]:
         """text_completion as it is written: the events of `stream`, "index" the prompt's."""
-        prompt_tokens = [self.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
+        prompt_tokens = [self.tokenizer.encode(p, bos=True, eos=False) for p in as_list(prompts, "prompts")]
         return self.stream(prompt_tokens, self._max_gen_len(max_gen_len), temperature, top_p, logprobs, stop,
                            stop_token_ids)
 
@@ -388,6 +398,9 @@ class Llama:
 
     @staticmethod
     def _validated(dialogs: List[Dialog]) -> List[Dialog]:
+        if not isinstance(dialogs, (list, tuple)) or (dialogs and isinstance(dialogs[0], dict)):
+            raise TypeError("dialogs must be a list of dialogs (each a list of messages): wrap a single dialog in "
+                            "a list")
         for i, dialog in enumerate(dialogs):
             validate_dialog(dialog, i)
         return dialogs

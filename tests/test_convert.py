@@ -202,6 +202,9 @@ def test_shards_that_do_not_belong_together(tiny_dir, tmp_path):
 
     gap = copy_of(tiny_dir / "mha-mp2", tmp_path / "gap")
     os.rename(gap / "consolidated.01.pth", gap / "consolidated.02.pth")
+    with pytest.raises(FileNotFoundError, match="missing consolidated.01.pth, which its checklist.chk lists"):
+        convert.reshard(str(gap), str(tmp_path / "out"), 1)
+    (gap / "checklist.chk").unlink()  # without a checklist, the gap in the numbering tells
     with pytest.raises(FileNotFoundError, match="missing shard\\(s\\) \\['consolidated.01.pth'\\]"):
         convert.reshard(str(gap), str(tmp_path / "out"), 1)
 
@@ -305,3 +308,16 @@ def test_the_converter_loads_neither_the_model_stack_nor_the_kernels():
               "print([m for m in ('fairscale', 'llama.model', 'llama.kernels.cpu') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_missing_shard_is_named(tiny_dir, tokenizer_path, tmp_path):
+    """A shard that checklist.chk lists but the folder lacks is named, not blamed on params.json."""
+    broken = tmp_path / "gqa"
+    shutil.copytree(tiny_dir / "gqa-mp2", broken)
+    (broken / "consolidated.01.pth").unlink()
+    message = "is missing consolidated.01.pth, which its checklist.chk lists"
+    with pytest.raises(FileNotFoundError, match=message):
+        convert.reshard(str(broken), str(tmp_path / "out"), model_parallel_size=1)
+    with pytest.raises(FileNotFoundError, match=message):
+        Llama.build(str(broken), tokenizer_path, 64, 1, device="cpu", dtype="fp32")
+    assert not (tmp_path / "out").exists()

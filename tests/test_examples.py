@@ -56,3 +56,12 @@ def test_generation_benchmark_reports_every_figure(quickstart, tmp_path):
         for key in ("load_s", "first_generate_s", "prefill_tok_s", "decode_b1_tok_s", "decode_b8_tok_s", "peak_rss_gb",
                     "bandwidth_gb_s", "ceiling_tok_s"):
             assert row[key] > 0, key
+
+
+def test_a_prequantized_checkpoint_runs_in_the_examples(quickstart, tmp_path):
+    """The README's flow: quantize once, then run the example on the smaller directory (its scheme is its own)."""
+    quantized = tmp_path / "gqa-int8"
+    run([sys.executable, "-m", "llama.convert", "quantize", str(quickstart / "gqa"), str(quantized), "--mode", "int8"])
+    out = run([sys.executable, "example_text_completion.py", "--ckpt_dir", str(quantized),
+               "--tokenizer_path", str(quickstart / "tokenizer.model"), "--max_gen_len", "4"])
+    assert out.count("==================================") == 4

@@ -214,3 +214,16 @@ def test_compiled_bf16_step_runs_the_cpu_kernel(build, config, quantize):
         expected = eager.model.forward(tokens[:, 8:], 8)
         got = compiled.compiled_step(tokens[:, 8:], torch.tensor([8, 8]))
     assert (got - expected).abs().max() < 0.02 * expected.abs().max()
+
+
+def test_a_lone_string_or_dialog_is_refused_not_split(build):
+    """text_completion("hi") would complete each character as a prompt: every public call wants a list."""
+    generator = build("mha")
+    for call in (generator.text_completion, generator.text_completion_stream):
+        with pytest.raises(TypeError, match="prompts must be a list of str, one per prompt; got str"):
+            call("hello", max_gen_len=2)
+    for call in (generator.chat_completion, generator.chat_completion_stream):
+        with pytest.raises(TypeError, match="wrap a single dialog in a list"):
+            call([{"role": "user", "content": "hello"}], max_gen_len=2)
+    with pytest.raises(TypeError, match="prompt_tokens must be a list of token-id lists"):
+        generator.generate([1, 2, 3], max_gen_len=2)

@@ -29,10 +29,25 @@ def find_shards(ckpt_dir: str) -> List[str]:
     indices = sorted(int(m.group(1)) for name in os.listdir(ckpt_dir) if (m := SHARD_PATTERN.fullmatch(name)))
     if not indices:
         raise FileNotFoundError(f"no checkpoint files (consolidated.NN.pth) in {ckpt_dir}")
+    listed = checklist_shards(ckpt_dir)
+    absent = sorted(set(listed) - {os.path.basename(shard_path(ckpt_dir, i)) for i in indices})
+    if absent:
+        raise FileNotFoundError(f"{ckpt_dir} is missing {', '.join(absent)}, which its checklist.chk lists: the "
+                                "download or copy is incomplete")
     missing = sorted(set(range(indices[-1] + 1)) - set(indices))
     if missing:
         raise FileNotFoundError(f"{ckpt_dir} is missing shard(s) {[os.path.basename(shard_path(ckpt_dir, i)) for i in missing]}")
     return [shard_path(ckpt_dir, i) for i in indices]
+
+
+def checklist_shards(ckpt_dir: str) -> List[str]:
+    """The consolidated.NN.pth files the folder's checklist.chk (md5sum's format) names; none without one."""
+    path = os.path.join(ckpt_dir, "checklist.chk")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        names = [line.split()[-1] for line in f if line.strip()]
+    return [name for name in names if SHARD_PATTERN.fullmatch(name)]
 
 
 def read_params(ckpt_dir: str) -> dict:
