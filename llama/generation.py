@@ -256,9 +256,7 @@ class Llama:
         """Continue each prompt; returns generated ids per prompt (prompt included with echo) cut at the first
         generated EOS, and each token's log-probability when asked (the first prompt token has none: 0.0)."""
         generation = self._start(prompt_tokens, max_gen_len, temperature, top_p, logprobs)
-        for _ in generation.steps(every_step=False):
-            pass
-        tokens, token_logprobs, _ = generation.results(echo)
+        tokens, token_logprobs, _ = generation.run(echo)
         return tokens, (token_logprobs if logprobs else None)
 
     def _start(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float, top_p: float,
@@ -387,26 +385,24 @@ class Llama:
     ) -> Iterator[StreamEvent]:
         """chat_completion as it is written: the events of `stream`, "index" the dialog's. A dialog that smuggles
         in the format's tags gets Meta's error reply as its only text."""
-        unsafe = [has_special_tags(d) for d in self._validated(dialogs)]
-        events = self.stream(self._encode_dialogs(dialogs), self._max_gen_len(max_gen_len), temperature, top_p,
-                             logprobs, stop, stop_token_ids)
+        prompt_tokens = self._encode_dialogs(dialogs)  # checks the dialogs
+        unsafe = [has_special_tags(d) for d in dialogs]
+        events = self.stream(prompt_tokens, self._max_gen_len(max_gen_len), temperature, top_p, logprobs, stop,
+                             stop_token_ids)
         return (event if not unsafe[event["index"]] else {**event, "text": UNSAFE_ERROR}
                 for event in events if not unsafe[event["index"]] or "finish_reason" in event)
 
     def _max_gen_len(self, max_gen_len: Optional[int]) -> int:
         return self.model.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
 
-    @staticmethod
-    def _validated(dialogs: List[Dialog]) -> List[Dialog]:
+    def _encode_dialogs(self, dialogs: List[Dialog]) -> List[List[int]]:
+        """Prompt ids of each dialog, checked first."""
         if not isinstance(dialogs, (list, tuple)) or (dialogs and isinstance(dialogs[0], dict)):
             raise TypeError("dialogs must be a list of dialogs (each a list of messages): wrap a single dialog in "
                             "a list")
         for i, dialog in enumerate(dialogs):
             validate_dialog(dialog, i)
-        return dialogs
-
-    def _encode_dialogs(self, dialogs: List[Dialog]) -> List[List[int]]:
-        return [encode_dialog(self.tokenizer, d) for d in self._validated(dialogs)]
+        return [encode_dialog(self.tokenizer, d) for d in dialogs]
 
     def _complete(self, prompt_tokens, temperature, top_p, max_gen_len, logprobs, echo, stop,
                   stop_token_ids) -> List[CompletionPrediction]:
@@ -427,9 +423,7 @@ class Llama:
         else:
             with torch.inference_mode():
                 generation = self._start(prompt_tokens, max_gen_len, temperature, top_p, logprobs, stop_token_ids)
-                for _ in generation.steps(every_step=False):
-                    pass
-            ids, token_logprobs, reasons = generation.results(echo)
+                ids, token_logprobs, reasons = generation.run(echo)
             results = [{"generation": self.tokenizer.decode(row), "finish_reason": reason,
                         "tokens": [self.tokenizer.decode([x]) for x in row], "logprobs": row_logprobs}
                        for row, row_logprobs, reason in zip(ids, token_logprobs, reasons)]
@@ -521,6 +515,12 @@ class Generation:
             rows = None if self.batch == list(range(len(self.batch))) else self.batch_rows
             cache_len = max(last_position[i] for i in self.batch)
             self.last = self.llama.decode(tokens[self.batch_rows, start][:, None], start, rows, cache_len)[:, -1]
+
+    def run(self, echo: bool) -> Tuple[List[List[int]], List[List[float]], List[str]]:
+        """Generate to the end without reading anything back per step; then `results`."""
+        for _ in self.steps(every_step=False):
+            pass
+        return self.results(echo)
 
     def results(self, echo: bool) -> Tuple[List[List[int]], List[List[float]], List[str]]:
         """Per row: its ids (the prompt's too with echo) cut before its first stop token, their log-probabilities
