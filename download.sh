@@ -170,6 +170,24 @@ last_response() {
         }' "$HEADERS"
 }
 
+# Why the last transfer got no HTTP response at all, in the downloader's words
+# (wget's are in its log; curl's on the terminal, and in its exit code).
+no_response_reason() {
+    local rc=$1 line=""
+    if [ "$DOWNLOADER" = wget ]; then
+        [ -f "$HEADERS" ] && line=$(grep -E "failed|unable to|[Ee]rror|refused|timed out" "$HEADERS" | tail -n 1)
+    else
+        case "$rc" in
+            5) line="could not resolve the proxy" ;;
+            6) line="could not resolve the host name" ;;
+            7) line="could not connect to the server" ;;
+            28) line="the connection timed out" ;;
+            35|60) line="the TLS (https) connection failed" ;;
+        esac
+    fi
+    printf '%s' "${line:-the downloader exited with status $rc}"
+}
+
 # True if FILE starts with HTML markup (an error or login page, not our data).
 is_html() {
     local start
@@ -224,8 +242,10 @@ fetch() {
         elif [ "$DOWNLOADER" = curl ] && [ "$rc" -eq 33 ]; then
             rm -f "$part"   # server ignored the range request: start over
         fi
-        [ "$attempt" -lt "$TRIES" ] ||
+        if [ "$attempt" -ge "$TRIES" ]; then
+            [ "$status" = - ] && die "could not download $rel after $TRIES attempts: no response from the server ($(no_response_reason "$rc")). Check the network connection and proxy settings (https_proxy), then run the script again to resume."
             die "could not download $rel after $TRIES attempts (last HTTP status: $status). Run the script again to resume."
+        fi
         if [ -f "$part" ]; then size=$(size_of "$part"); else size=0; fi
         say "$rel: transfer incomplete; attempt $((attempt + 1))/$TRIES from byte $size"
         sleep $((RETRY_WAIT << (attempt - 1)))

@@ -5,10 +5,12 @@
 
 from typing import List, Optional
 
-import fire
-
 from llama import Dialog, Llama
+from llama.cli import run
+from llama.dialog import encode_dialog, validate_dialog
+from llama.generation import check_request
 from llama.runtime import print_rank0
+from llama.tokenizer import Tokenizer
 
 DIALOGS: List[Dialog] = [
     [{"role": "user", "content": "what is the recipe of mayonnaise?"}],
@@ -59,12 +61,20 @@ def main(
     quantize: Optional[str] = None,
     group_size: Optional[int] = None,
     compile: bool = False,
+    seed: int = 1,
+    threads: Optional[int] = None,
 ):
     """Answer the example dialogs; --device (cpu, cuda, mps) and --dtype (bf16, fp16, fp32) override the defaults;
     --quantize int8|int4 (with --group_size for int4) stores the linear weights quantized;
-    --compile compiles the decode step (tens of seconds at start, faster tokens after)."""
-    generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype,
-                            quantize=quantize, group_size=group_size, compile=compile)
+    --compile compiles the decode step (tens of seconds at start, faster tokens after); --seed seeds the sampling;
+    --threads fixes the number of CPU threads."""
+    tokenizer = Tokenizer(tokenizer_path)  # the request is checked before the model loads
+    for i, dialog in enumerate(DIALOGS):
+        validate_dialog(dialog, i)
+    check_request([encode_dialog(tokenizer, d) for d in DIALOGS], max_gen_len or max_seq_len - 1, temperature,
+                  top_p, max_seq_len, max_batch_size, tokenizer.n_words)
+    generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, seed=seed, device=device,
+                            dtype=dtype, quantize=quantize, group_size=group_size, compile=compile, threads=threads)
     results = generator.chat_completion(DIALOGS, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
     for dialog, result in zip(DIALOGS, results):
         for message in dialog:
@@ -74,4 +84,4 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run(main, "example_chat_completion.py")

@@ -5,10 +5,11 @@
 
 from typing import Optional
 
-import fire
-
 from llama import Llama
+from llama.cli import run
+from llama.generation import check_request
 from llama.runtime import print_rank0
+from llama.tokenizer import Tokenizer
 
 PROMPTS = [
     # plain prompts: the model continues the text
@@ -42,12 +43,18 @@ def main(
     quantize: Optional[str] = None,
     group_size: Optional[int] = None,
     compile: bool = False,
+    seed: int = 1,
+    threads: Optional[int] = None,
 ):
     """Run the example prompts; --device (cpu, cuda, mps) and --dtype (bf16, fp16, fp32) override the defaults;
     --quantize int8|int4 (with --group_size for int4) stores the linear weights quantized;
-    --compile compiles the decode step (tens of seconds at start, faster tokens after)."""
-    generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype,
-                            quantize=quantize, group_size=group_size, compile=compile)
+    --compile compiles the decode step (tens of seconds at start, faster tokens after); --seed seeds the sampling;
+    --threads fixes the number of CPU threads."""
+    tokenizer = Tokenizer(tokenizer_path)  # the request is checked before the model loads
+    check_request([tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS], max_gen_len, temperature, top_p,
+                  max_seq_len, max_batch_size, tokenizer.n_words)
+    generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, seed=seed, device=device,
+                            dtype=dtype, quantize=quantize, group_size=group_size, compile=compile, threads=threads)
     results = generator.text_completion(PROMPTS, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
     for prompt, result in zip(PROMPTS, results):
         print_rank0(prompt)
@@ -56,4 +63,4 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run(main, "example_text_completion.py")

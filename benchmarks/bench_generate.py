@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Optional
+from typing import Optional, Tuple
 
 import fire
 import torch
@@ -168,6 +168,21 @@ def engine(name: str, ckpt_dir: str, tokenizer_path: str, device: str, dtype: st
     print("RESULT " + json.dumps(result))
 
 
+def named_checkpoint(shape: str, dtype: str, work_dir: str) -> Tuple[str, str]:
+    """(checkpoint dir, tokenizer path) of a random checkpoint of a named shape, written to work_dir once."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; choose one of {sorted(SHAPES)} or pass --ckpt_dir")
+    ckpt_dir = os.path.join(work_dir, f"{shape}-{dtype}")
+    tokenizer_path = os.path.join(work_dir, "tokenizer.model")
+    if not os.path.exists(tokenizer_path):
+        os.makedirs(work_dir, exist_ok=True)
+        train_tokenizer(tokenizer_path, vocab_size=VOCAB)
+    if not os.path.exists(ckpt_dir):
+        print(f"writing a random {shape} checkpoint to {ckpt_dir} ...", flush=True)
+        make_checkpoint(ckpt_dir, SHAPES[shape], VOCAB, dtype=DTYPES[dtype])
+    return ckpt_dir, tokenizer_path
+
+
 def main(
     shape: str = "1.1b",
     ckpt_dir: Optional[str] = None,
@@ -192,16 +207,7 @@ def main(
     torch.set_num_threads(threads)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if ckpt_dir is None:
-        if shape not in SHAPES:
-            raise ValueError(f"unknown shape {shape!r}; choose one of {sorted(SHAPES)} or pass --ckpt_dir")
-        ckpt_dir = os.path.join(work_dir, f"{shape}-{dtype}")
-        tokenizer_path = os.path.join(work_dir, "tokenizer.model")
-        if not os.path.exists(tokenizer_path):
-            os.makedirs(work_dir, exist_ok=True)
-            train_tokenizer(tokenizer_path, vocab_size=VOCAB)
-        if not os.path.exists(ckpt_dir):
-            print(f"writing a random {shape} checkpoint to {ckpt_dir} ...", flush=True)
-            make_checkpoint(ckpt_dir, SHAPES[shape], VOCAB, dtype=DTYPES[dtype])
+        ckpt_dir, tokenizer_path = named_checkpoint(shape, dtype, work_dir)
     tokenizer_path = tokenizer_path or os.path.join(ckpt_dir, "tokenizer.model")
     torch_dtype = DTYPES[dtype]
     bandwidth = read_bandwidth(dev)

@@ -16,12 +16,13 @@ import termios
 import time
 from typing import Optional
 
-import fire
 import torch
 import torch.distributed as dist
 
+from llama import runtime
+from llama.cli import run
 from llama.dialog import SPECIAL_TAGS, Dialog, encode_dialog
-from llama.generation import Llama
+from llama.generation import Llama, check_sampling
 from llama.runtime import print_rank0
 
 HELP = "/reset forgets the conversation, /system TEXT sets a new system prompt, /quit (or Ctrl-D) leaves"
@@ -38,7 +39,7 @@ def read_line(prompt: str) -> str:
             line = "/quit"
     if dist.is_initialized() and dist.get_world_size() > 1:
         shared = [line]
-        dist.broadcast_object_list(shared, src=0)
+        dist.broadcast_object_list(shared, src=0, group=runtime.waiting_group())  # the person takes their time
         line = shared[0]
     return line
 
@@ -79,13 +80,22 @@ class StopKey:
         return hit
 
 
+def check_answer_room(answer_room: int, max_seq_len: int) -> None:
+    if not 0 < answer_room < max_seq_len:
+        raise ValueError(f"--max_gen_len {answer_room} leaves no room for a message in max_seq_len={max_seq_len}: "
+                         "choose a smaller one")
+
+
+def check_system_tags(system: Optional[str]) -> None:
+    if system and any(tag in system for tag in SPECIAL_TAGS):
+        raise ValueError(f"the system prompt may not contain the chat format's tags {SPECIAL_TAGS}")
+
+
 class Chat:
     """A conversation: the system prompt and the turns so far, kept within the context."""
 
     def __init__(self, generator: Llama, system: Optional[str], answer_room: int):
-        if not 0 < answer_room < generator.model.params.max_seq_len:
-            raise ValueError(f"--max_gen_len {answer_room} leaves no room for a message in max_seq_len="
-                             f"{generator.model.params.max_seq_len}: choose a smaller one")
+        check_answer_room(answer_room, generator.model.params.max_seq_len)
         self.generator = generator
         self.answer_room = answer_room  # tokens kept free for each answer
         self.system = system
@@ -93,8 +103,7 @@ class Chat:
         self.check_system()
 
     def check_system(self) -> None:
-        if self.system and any(tag in self.system for tag in SPECIAL_TAGS):
-            raise ValueError(f"the system prompt may not contain the chat format's tags {SPECIAL_TAGS}")
+        check_system_tags(self.system)
         if self.prompt_tokens([{"role": "user", "content": ""}]) > self.limit():
             raise ValueError(f"the system prompt alone leaves no room in max_seq_len="
                              f"{self.generator.model.params.max_seq_len} for a message and an answer of "
@@ -145,13 +154,17 @@ def main(
     quantize: Optional[str] = None,
     group_size: Optional[int] = None,
     show_speed: bool = False,
+    threads: Optional[int] = None,
 ):
     """Chat with the model in ckpt_dir; --system sets a system prompt; the other flags are the examples'.
     --max_gen_len bounds each answer (default: a quarter of max_seq_len); --show_speed prints tokens/s after each
-    answer."""
-    generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size=1, seed=seed, device=device,
-                            dtype=dtype, quantize=quantize, group_size=group_size)
+    answer; --threads fixes the number of CPU threads."""
     answer_room = max_gen_len or max_seq_len // 4
+    check_answer_room(answer_room, max_seq_len)  # before the model loads
+    check_sampling(answer_room, temperature, top_p)
+    check_system_tags(system)
+    generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size=1, seed=seed, device=device,
+                            dtype=dtype, quantize=quantize, group_size=group_size, threads=threads)
     chat = Chat(generator, system, answer_room)
     print_rank0(f"[{HELP}]")
     while True:
@@ -217,8 +230,8 @@ def answer_turn(generator: Llama, chat: Chat, line: str, temperature: float, top
 
 def entry_point() -> None:
     """The `llama-chat` console script."""
-    fire.Fire(main)
+    run(main, "llama-chat")
 
 
 if __name__ == "__main__":
-    entry_point()
+    run(main, "python -m llama.chat")

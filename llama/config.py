@@ -12,6 +12,12 @@ DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.floa
           "fp32": torch.float32, "float32": torch.float32}
 
 
+def trained_context(params: dict) -> int:
+    """The context length a Meta checkpoint was trained on, which params.json does not say: Code Llama's
+    (rope_theta 1e6) 16384, Llama 2's 4096."""
+    return 16384 if params.get("rope_theta") == 1e6 else 4096
+
+
 @dataclass
 class ModelArgs:
     """What `params.json` describes, plus the cache limits the generator chooses."""

@@ -7,13 +7,15 @@
 
 SRC may be in any format (told apart by params.json, quantization.json or config.json); `reshard` keeps a
 pre-quantized checkpoint quantized. DST must not exist: the output is written
-to a hidden sibling folder and renamed to DST once complete. One output shard or file is in memory at a time.
+to a hidden sibling folder and renamed to DST once complete; an interrupted run (Ctrl-C, SIGTERM, SIGHUP) removes
+it, and the next run removes one that a killed run left. One output shard or file is in memory at a time.
 """
 
+import math
 from typing import Optional
 
-import fire
-
+from llama import weights
+from llama.cli import run
 from llama.formats import open_checkpoint
 from llama.formats.base import load_rank_state_dict
 from llama.formats.hf import HFCheckpoint, find_tokenizer, save_hf
@@ -32,7 +34,7 @@ def reshard(src: str, dst: str, model_parallel_size: int) -> None:
     shards = ({**load_rank_state_dict(source, args, rank, model_parallel_size), "rope.freqs": freqs}
               for rank in range(model_parallel_size))
     extra = {QUANTIZATION_FILE: source.scheme} if source.scheme is not None else None  # pre-quantized stays so
-    save_checkpoint(dst, source.params, shards, find_tokenizer(src), extra_json=extra)
+    save_checkpoint(dst, source.params, shards, find_tokenizer(src), extra_json=extra, expected_bytes=source.nbytes())
     print(f"wrote {dst}: {model_parallel_size} shard(s) for {model_parallel_size} process(es)")
 
 
@@ -66,9 +68,12 @@ def quantize(src: str, dst: str, mode: str, group_size: int = 128) -> None:
     row_scales = full_row_scales(source, args) if mode == "int8" and n_shards > 1 else None
     shards = ({**quantize_state_dict(load_rank_state_dict(source, args, rank, n_shards), scheme, row_scales),
                "rope.freqs": freqs} for rank in range(n_shards))
-    save_checkpoint(dst, source.params, shards, find_tokenizer(src), extra_json={QUANTIZATION_FILE: scheme})
+    linear = [key for key in source.pieces if weights.weight(key).linear]
+    quantized_bytes = sum(math.prod(source.full_shape(k)) for k in linear) // (1 if mode == "int8" else 2)
+    save_checkpoint(dst, source.params, shards, find_tokenizer(src), extra_json={QUANTIZATION_FILE: scheme},
+                    expected_bytes=source.nbytes(set(source.pieces) - set(linear)) + quantized_bytes)
     print(f"wrote {dst}: {mode} in {n_shards} shard(s)")
 
 
 if __name__ == "__main__":
-    fire.Fire({"reshard": reshard, "to_hf": to_hf, "from_hf": from_hf, "quantize": quantize})
+    run({"reshard": reshard, "to_hf": to_hf, "from_hf": from_hf, "quantize": quantize}, "python -m llama.convert")

@@ -1,9 +1,11 @@
 """Llama.build loads a checkpoint; generate / text_completion / chat_completion run it."""
 
 import contextlib
+import math
 import os
+import sys
 import time
-from typing import Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
+from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple, TypedDict, Union
 
 import fairscale.nn.model_parallel.layers as fs_layers
 import torch
@@ -56,25 +58,90 @@ def as_list(prompts, name: str) -> list:
     return list(prompts)
 
 
-def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
-    """Nucleus sampling: draw from the smallest set of top tokens whose mass reaches p. probs (B, V) -> ids (B,)."""
+def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Nucleus sampling: draw from the smallest set of top tokens whose mass reaches p. probs (B, V) -> ids (B,);
+    from `generator`, else torch's global one."""
     sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
     sorted_probs = sorted_probs.masked_fill(mass_before > p, 0.0)
-    choice = torch.multinomial(sorted_probs / sorted_probs.sum(dim=-1, keepdim=True), num_samples=1)
+    choice = torch.multinomial(sorted_probs / sorted_probs.sum(dim=-1, keepdim=True), 1, generator=generator)
     return sorted_ids.gather(-1, choice).squeeze(-1)
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Next token ids (B,) from last-position logits (B, V): greedy at temperature 0, else top-p sampling."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    return sample_top_p(torch.softmax(logits / temperature, dim=-1), top_p)
+    return sample_top_p(torch.softmax(logits / temperature, dim=-1), top_p, generator)
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, pad_id: int) -> torch.Tensor:
     """log p(targets[:, t] | logits[:, t]) for logits (B, S, V) and targets (B, S); 0 where targets are padding."""
     return -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none", ignore_index=pad_id)
+
+
+def check_request(prompt_tokens, max_gen_len: int, temperature: float, top_p: float, max_seq_len: int,
+                  max_batch_size: int, vocab_size: int, stop_token_ids: Sequence[int] = (),
+                  seed: Optional[int] = None) -> None:
+    """Raise ValueError or TypeError for a request a model built with max_seq_len, max_batch_size and vocab_size
+    cannot run; the command line tools call it before loading anything."""
+    if not isinstance(prompt_tokens, (list, tuple)) or not all(isinstance(t, (list, tuple)) for t in prompt_tokens):
+        raise TypeError("prompt_tokens must be a list of token-id lists, one per prompt")
+    bad = [t for t in stop_token_ids if not (isinstance(t, int) and 0 <= t < vocab_size)]
+    if bad:
+        raise ValueError(f"stop token ids {bad} are not in the vocabulary (0..{vocab_size - 1})")
+    if not prompt_tokens:
+        raise ValueError("no prompts given")
+    if len(prompt_tokens) > max_batch_size:
+        raise ValueError(f"{len(prompt_tokens)} prompts exceed max_batch_size={max_batch_size}; build with a larger "
+                         "max_batch_size or pass fewer prompts")
+    for i, tokens in enumerate(prompt_tokens):
+        if not tokens:
+            raise ValueError(f"prompt {i} is empty")
+        if len(tokens) > max_seq_len:
+            raise ValueError(f"prompt {i} is {len(tokens)} tokens long, longer than max_seq_len={max_seq_len}; "
+                             "shorten it or build with a larger max_seq_len")
+    check_sampling(max_gen_len, temperature, top_p, seed)
+
+
+def check_sampling(max_gen_len: int, temperature: float, top_p: float, seed: Optional[int] = None) -> None:
+    """Raise ValueError for settings no request can be generated with."""
+    if not (isinstance(max_gen_len, int) and max_gen_len >= 1):
+        raise ValueError(f"max_gen_len must be an integer of at least 1, got {max_gen_len!r}")
+    if not (isinstance(temperature, (int, float)) and 0 <= temperature < math.inf):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if seed is not None and not (isinstance(seed, int) and 0 <= seed < 2**63):
+        raise ValueError(f"seed must be an integer in [0, 2**63) or None, got {seed!r}")
+
+
+class Request(NamedTuple):
+    """One call's work. Under model parallelism every rank must compute the same, so each call runs rank 0's
+    (`Llama._request`)."""
+
+    prompt_tokens: List[List[int]]
+    max_gen_len: int
+    temperature: float
+    top_p: float
+    logprobs: bool
+    stops: List[str]  # stop strings
+    stop_token_ids: List[int]
+    seed: Optional[int]
+
+
+PROGRESS_MIN_BYTES = 1 << 30  # loads smaller than this are quick: no progress shown
+
+
+def show_load_progress(done: int, total: int) -> None:
+    """Show on rank 0 how much of a large checkpoint has been read, a step every tenth, on one line."""
+    if total < PROGRESS_MIN_BYTES:
+        return
+    tenth = 10 * done // total
+    if done == total or tenth > 10 * (done - 1) // total:  # crossed into a new tenth
+        runtime.print_rank0(f"\rLoading {total / 1e9:.1f} GB: {10 * tenth}%", end="\n" if done == total else "",
+                            file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
@@ -106,16 +173,21 @@ class Llama:
         quantize: Optional[str] = None,
         group_size: Optional[int] = None,
         compile: bool = False,
+        threads: Optional[int] = None,
     ) -> "Llama":
         """Load a Meta checkpoint (any shard count), a Hugging Face Llama directory or a pre-quantized checkpoint
         (`python -m llama.convert quantize`) on this process group; tokenizer_path defaults to ckpt_dir's
         tokenizer.model; device and dtype default to the best available (CUDA bf16/fp16, Apple MPS, else CPU bf16).
         quantize="int8" or "int4" (in groups of group_size, default 128) stores every linear weight-only quantized,
         converting tensor by tensor while loading. compile=True runs each decode step through torch.compile (with CUDA
-        graphs on CUDA): the first step of each batch size compiles, which takes tens of seconds."""
+        graphs on CUDA): the first step of each batch size compiles, which takes tens of seconds. threads fixes the
+        number of CPU threads (default: one per core, fewer while another process competes for them while decoding;
+        $OMP_NUM_THREADS fixes it too)."""
         if max_seq_len < 1 or max_batch_size < 1:
             raise ValueError(f"max_seq_len ({max_seq_len}) and max_batch_size ({max_batch_size}) must be positive")
-        # Check the files before any process group or compute is set up.
+        # Check the arguments and files before any process group or compute is set up.
+        runtime.check_device(device)
+        runtime.check_threads(threads)
         source = open_checkpoint(ckpt_dir)
         scheme = source.scheme
         if scheme is not None:
@@ -147,7 +219,11 @@ class Llama:
                 "tokenizer.model that came with this checkpoint"
             )
 
-        rt = runtime.setup(model_parallel_size, device, dtype)
+        if max_seq_len > source.trained_context:
+            runtime.print_rank0(f"warning: max_seq_len={max_seq_len} is longer than the {source.trained_context} "
+                                "tokens this model was trained on; text past that length degrades", file=sys.stderr)
+
+        rt = runtime.setup(model_parallel_size, device, dtype, threads)
         args.check_model_parallel_size(rt.model_parallel_size)
         if rt.device.type == "cpu":
             cpu.register_kernels()  # the model's ops run this CPU's kernels from now on, where they build
@@ -158,7 +234,7 @@ class Llama:
         start = time.perf_counter()
         if scheme is not None:
             # the stored quantized tensors, read to the host; each linear's are taken out as it is built
-            state = load_rank_state_dict(source, args, rank, world, views=False)
+            state = load_rank_state_dict(source, args, rank, world, views=False, progress=show_load_progress)
             quantized = {key: state.pop(key) for key in list(state) if weights.weight(key).linear}
             make_linear = prequantized_factory(quantized, scheme, world, rt.device, rt.dtype)
         else:
@@ -167,7 +243,8 @@ class Llama:
             # they are converted on the way to the device; other tensors go straight to their device and dtype.
             converted_later = make_linear is not None
             state = load_rank_state_dict(source, args, rank, world, dtype=None if converted_later else rt.dtype,
-                                         device="cpu" if converted_later else rt.device, views=not converted_later)
+                                         device="cpu" if converted_later else rt.device, views=not converted_later,
+                                         progress=show_load_progress)
         fuse_projection_keys(state)  # here rather than in load_state_dict's copy: frees each part once joined
         with no_fairscale_init():
             model = Transformer(args)
@@ -186,11 +263,13 @@ class Llama:
         model.setup_caches(max_batch_size, max_seq_len)
         model.eval()
         runtime.print_rank0(f"Loaded in {time.perf_counter() - start:.2f} seconds")
-        return Llama(model, tokenizer, compile)
+        return Llama(model, tokenizer, compile, rt.thread_tuner)
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, compile: bool = False):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, compile: bool = False,
+                 thread_tuner: Optional[runtime.ThreadTuner] = None):
         self.model = model
         self.tokenizer = tokenizer
+        self.thread_tuner = thread_tuner
         # How a decode step runs, chosen once here: compiled, with every row at its own position in a tensor and
         # attention over the whole cache under a mask, so shapes never change and torch.compile captures the step
         # once per batch size (on CUDA "reduce-overhead" replays it as one CUDA graph: one launch per token); else
@@ -210,38 +289,10 @@ class Llama:
         keys model.forward reads (the engine reads each row's own; the compiled step, the whole cache)."""
         if self.compiled_step is not None:
             return self.compiled_step(tokens, start_pos, rows)
-        if self.engine is not None and tokens.shape[0] <= self.engine.max_batch:
-            return self.engine(tokens, start_pos, rows)
-        return self.model.forward(tokens, start_pos, rows, cache_len)
-
-    def _check_generate_args(self, prompt_tokens, max_gen_len, temperature, top_p, stop_token_ids=()) -> None:
-        if not isinstance(prompt_tokens, (list, tuple)) or not all(isinstance(t, (list, tuple)) for t in prompt_tokens):
-            raise TypeError("prompt_tokens must be a list of token-id lists, one per prompt")
-        bad = [t for t in stop_token_ids if not (isinstance(t, int) and 0 <= t < self.tokenizer.n_words)]
-        if bad:
-            raise ValueError(f"stop token ids {bad} are not in the vocabulary (0..{self.tokenizer.n_words - 1})")
-        params = self.model.params
-        if not prompt_tokens:
-            raise ValueError("no prompts given")
-        if len(prompt_tokens) > params.max_batch_size:
-            raise ValueError(
-                f"{len(prompt_tokens)} prompts exceed max_batch_size={params.max_batch_size}; "
-                "build with a larger max_batch_size or pass fewer prompts"
-            )
-        for i, tokens in enumerate(prompt_tokens):
-            if not tokens:
-                raise ValueError(f"prompt {i} is empty")
-            if len(tokens) > params.max_seq_len:
-                raise ValueError(
-                    f"prompt {i} is {len(tokens)} tokens long, longer than max_seq_len={params.max_seq_len}; "
-                    "shorten it or build with a larger max_seq_len"
-                )
-        if max_gen_len < 1:
-            raise ValueError(f"max_gen_len must be at least 1, got {max_gen_len}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        with self.thread_tuner.step(tokens.shape[0]) if self.thread_tuner else contextlib.nullcontext():
+            if self.engine is not None and tokens.shape[0] <= self.engine.max_batch:
+                return self.engine(tokens, start_pos, rows)
+            return self.model.forward(tokens, start_pos, rows, cache_len)
 
     @torch.inference_mode()
     def generate(
@@ -252,18 +303,31 @@ class Llama:
         top_p: float = 0.9,
         logprobs: bool = False,
         echo: bool = False,
+        seed: Optional[int] = None,
     ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
         """Continue each prompt; returns generated ids per prompt (prompt included with echo) cut at the first
-        generated EOS, and each token's log-probability when asked (the first prompt token has none: 0.0)."""
-        generation = self._start(prompt_tokens, max_gen_len, temperature, top_p, logprobs)
-        tokens, token_logprobs, _ = generation.run(echo)
+        generated EOS, and each token's log-probability when asked (the first prompt token has none: 0.0).
+        seed: sample from a generator seeded with it, so the call's result does not depend on earlier calls."""
+        request = self._request(prompt_tokens, max_gen_len, temperature, top_p, logprobs, (), (), seed)
+        tokens, token_logprobs, _ = self._start(request).run(echo)
         return tokens, (token_logprobs if logprobs else None)
 
-    def _start(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float, top_p: float,
-               logprobs: bool, stop_token_ids: Sequence[int] = ()) -> "Generation":
-        self._check_generate_args(prompt_tokens, max_gen_len, temperature, top_p, stop_token_ids)
-        return Generation(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs,
-                          [self.tokenizer.eos_id, *stop_token_ids])
+    def _request(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs, stop, stop_token_ids,
+                 seed) -> Request:
+        """The call's Request as rank 0 of the model-parallel group made it, checked. Every rank must compute the
+        same (different prompts on different ranks would make them exchange parts of different sums: wrong text,
+        or a hang), so rank 0's request is sent to the others, and every rank computes and returns its results."""
+        request = Request(prompt_tokens, max_gen_len, temperature, top_p, logprobs, check_stops(stop),
+                          list(stop_token_ids), seed)
+        request = runtime.from_rank0(request)
+        params = self.model.params
+        check_request(request.prompt_tokens, request.max_gen_len, request.temperature, request.top_p,
+                      params.max_seq_len, params.max_batch_size, self.tokenizer.n_words, request.stop_token_ids,
+                      request.seed)
+        return request
+
+    def _start(self, request: Request) -> "Generation":
+        return Generation(self, request, [self.tokenizer.eos_id, *request.stop_token_ids])
 
     def stream(
         self,
@@ -274,6 +338,7 @@ class Llama:
         logprobs: bool = False,
         stop: Union[None, str, Sequence[str]] = (),
         stop_token_ids: Sequence[int] = (),
+        seed: Optional[int] = None,
     ) -> Iterator[StreamEvent]:
         """Continue each prompt, yielding text as each step makes it: {"index": prompt, "text": piece} (with
         "tokens" and "logprobs" for the step's token when asked), and once per prompt a last event with its
@@ -282,16 +347,15 @@ class Llama:
         its whole text: never a partial character, and cut before the first stop string, which is not part of it.
         A row that stops leaves the batch while the others go on. Arguments are checked at once, before the first
         event is asked for."""
-        stops = check_stops(stop)
-        self._check_generate_args(prompt_tokens, max_gen_len, temperature, top_p, stop_token_ids)
-        return self._events(prompt_tokens, max_gen_len, temperature, top_p, logprobs, stops, stop_token_ids)
+        return self._events(self._request(prompt_tokens, max_gen_len, temperature, top_p, logprobs, stop,
+                                          stop_token_ids, seed))
 
     @torch.inference_mode()
-    def _events(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs, stops,
-                stop_token_ids) -> Iterator[StreamEvent]:
-        generation = self._start(prompt_tokens, max_gen_len, temperature, top_p, logprobs, stop_token_ids)
+    def _events(self, request: Request) -> Iterator[StreamEvent]:
+        prompt_tokens = request.prompt_tokens
+        generation = self._start(request)
         stop_ids = set(generation.stop_ids)
-        texts = [RowText(self.tokenizer, stops) for _ in prompt_tokens]
+        texts = [RowText(self.tokenizer, request.stops) for _ in prompt_tokens]
         counts = [0] * len(prompt_tokens)
         finished = [False] * len(prompt_tokens)
 
@@ -302,16 +366,16 @@ class Llama:
 
         for rows, tokens, written, new_logprobs in generation.steps(every_step=True):
             tokens, written = tokens.tolist(), written.tolist()
-            new_logprobs = new_logprobs.tolist() if logprobs else None
+            new_logprobs = new_logprobs.tolist() if request.logprobs else None
             for j, row in enumerate(rows):
                 if not written[j] or finished[row]:
                     continue
                 token = tokens[j]
                 counts[row] += 1
                 piece = "" if token in stop_ids else texts[row].add(token)
-                if piece or (logprobs and token not in stop_ids):  # like the text, logprobs end before a stop token
+                if piece or (request.logprobs and token not in stop_ids):  # logprobs, like text, end before a stop
                     event: StreamEvent = {"index": row, "text": piece}
-                    if logprobs:
+                    if request.logprobs:
                         event.update(tokens=[self.tokenizer.decode([token])], logprobs=[new_logprobs[j]])
                     yield event
                 if token in stop_ids or texts[row].stopped:
@@ -333,11 +397,14 @@ class Llama:
         echo: bool = False,
         stop: Union[None, str, Sequence[str]] = (),
         stop_token_ids: Sequence[int] = (),
+        seed: Optional[int] = None,
     ) -> List[CompletionPrediction]:
         """Complete each prompt string; max_gen_len defaults to max_seq_len - 1. Each result says why it ended
-        ("finish_reason"); `stop` strings and `stop_token_ids` end a prompt's text early, as in `stream`."""
+        ("finish_reason"); `stop` strings and `stop_token_ids` end a prompt's text early, as in `stream`; `seed` as
+        in `generate`."""
         prompt_tokens = [self.tokenizer.encode(p, bos=True, eos=False) for p in as_list(prompts, "prompts")]
-        return self._complete(prompt_tokens, temperature, top_p, max_gen_len, logprobs, echo, stop, stop_token_ids)
+        return self._complete(self._request(prompt_tokens, self._max_gen_len(max_gen_len), temperature, top_p,
+                                            logprobs, stop, stop_token_ids, seed), echo)
 
     def text_completion_stream(
         self,
@@ -348,11 +415,12 @@ class Llama:
         logprobs: bool = False,
         stop: Union[None, str, Sequence[str]] = (),
         stop_token_ids: Sequence[int] = (),
+        seed: Optional[int] = None,
     ) -> Iterator[StreamEvent]:
         """text_completion as it is written: the events of `stream`, "index" the prompt's."""
         prompt_tokens = [self.tokenizer.encode(p, bos=True, eos=False) for p in as_list(prompts, "prompts")]
         return self.stream(prompt_tokens, self._max_gen_len(max_gen_len), temperature, top_p, logprobs, stop,
-                           stop_token_ids)
+                           stop_token_ids, seed)
 
     def chat_completion(
         self,
@@ -363,11 +431,12 @@ class Llama:
         logprobs: bool = False,
         stop: Union[None, str, Sequence[str]] = (),
         stop_token_ids: Sequence[int] = (),
+        seed: Optional[int] = None,
     ) -> List[ChatPrediction]:
-        """Reply to each dialog as the assistant, in the Llama 2 chat format; "finish_reason" and stops as in
+        """Reply to each dialog as the assistant, in the Llama 2 chat format; "finish_reason", stops and seed as in
         text_completion."""
-        results = self._complete(self._encode_dialogs(dialogs), temperature, top_p, max_gen_len, logprobs, False,
-                                 stop, stop_token_ids)
+        results = self._complete(self._request(self._encode_dialogs(dialogs), self._max_gen_len(max_gen_len),
+                                               temperature, top_p, logprobs, stop, stop_token_ids, seed), False)
         for dialog, result in zip(dialogs, results):
             content = UNSAFE_ERROR if has_special_tags(dialog) else result.pop("generation")
             result["generation"] = {"role": "assistant", "content": content}
@@ -382,13 +451,14 @@ class Llama:
         logprobs: bool = False,
         stop: Union[None, str, Sequence[str]] = (),
         stop_token_ids: Sequence[int] = (),
+        seed: Optional[int] = None,
     ) -> Iterator[StreamEvent]:
         """chat_completion as it is written: the events of `stream`, "index" the dialog's. A dialog that smuggles
         in the format's tags gets Meta's error reply as its only text."""
         prompt_tokens = self._encode_dialogs(dialogs)  # checks the dialogs
         unsafe = [has_special_tags(d) for d in dialogs]
         events = self.stream(prompt_tokens, self._max_gen_len(max_gen_len), temperature, top_p, logprobs, stop,
-                             stop_token_ids)
+                             stop_token_ids, seed)
         return (event if not unsafe[event["index"]] else {**event, "text": UNSAFE_ERROR}
                 for event in events if not unsafe[event["index"]] or "finish_reason" in event)
 
@@ -404,16 +474,13 @@ class Llama:
             validate_dialog(dialog, i)
         return [encode_dialog(self.tokenizer, d) for d in dialogs]
 
-    def _complete(self, prompt_tokens, temperature, top_p, max_gen_len, logprobs, echo, stop,
-                  stop_token_ids) -> List[CompletionPrediction]:
-        """The completions of prompt_tokens: {"generation", "finish_reason"} (+ "tokens", "logprobs")."""
-        max_gen_len = self._max_gen_len(max_gen_len)
-        if check_stops(stop):  # text must be read as it is made: the stream's pieces, joined
+    def _complete(self, request: Request, echo: bool) -> List[CompletionPrediction]:
+        """The completions of a request: {"generation", "finish_reason"} (+ "tokens", "logprobs")."""
+        if request.stops:  # text must be read as it is made: the stream's pieces, joined
             if echo:
                 raise ValueError("echo=True cannot be combined with stop strings")
-            results = [{"generation": "", "tokens": [], "logprobs": []} for _ in prompt_tokens]
-            for event in self.stream(prompt_tokens, max_gen_len, temperature, top_p, logprobs, stop,
-                                     stop_token_ids):
+            results = [{"generation": "", "tokens": [], "logprobs": []} for _ in request.prompt_tokens]
+            for event in self._events(request):
                 result = results[event["index"]]
                 result["generation"] += event["text"]
                 result["tokens"] += event.get("tokens", [])
@@ -422,12 +489,11 @@ class Llama:
                     result["finish_reason"] = event["finish_reason"]
         else:
             with torch.inference_mode():
-                generation = self._start(prompt_tokens, max_gen_len, temperature, top_p, logprobs, stop_token_ids)
-                ids, token_logprobs, reasons = generation.run(echo)
+                ids, token_logprobs, reasons = self._start(request).run(echo)
             results = [{"generation": self.tokenizer.decode(row), "finish_reason": reason,
                         "tokens": [self.tokenizer.decode([x]) for x in row], "logprobs": row_logprobs}
                        for row, row_logprobs, reason in zip(ids, token_logprobs, reasons)]
-        if not logprobs:
+        if not request.logprobs:
             for result in results:
                 del result["tokens"], result["logprobs"]
         return results
@@ -439,12 +505,15 @@ class Generation:
     row's length; a finished row leaves the batch (on accelerators at the next check of which rows are done; the
     compiled step keeps its batch, so finished rows repeat their last position there)."""
 
-    def __init__(self, llama: Llama, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float,
-                 top_p: float, logprobs: bool, stop_ids: List[int]):
-        self.llama, self.temperature, self.top_p, self.logprobs = llama, temperature, top_p, logprobs
+    def __init__(self, llama: Llama, request: Request, stop_ids: List[int]):
+        prompt_tokens, max_gen_len = request.prompt_tokens, request.max_gen_len
+        self.llama, self.logprobs = llama, request.logprobs
+        self.temperature, self.top_p = request.temperature, request.top_p
         self.pad_id = llama.tokenizer.pad_id
         self.stop_ids = stop_ids
         self.device = device = llama.model.tok_embeddings.weight.device
+        # a call's own seed draws from a generator of its own; else torch's global one (seeded in Llama.build)
+        self.generator = None if request.seed is None else torch.Generator(device).manual_seed(request.seed)
         bsz = len(prompt_tokens)
         self.prompt_lens = [len(t) for t in prompt_tokens]
         self.ends = [min(llama.model.params.max_seq_len, n + max_gen_len) for n in self.prompt_lens]  # last lengths
@@ -453,14 +522,14 @@ class Generation:
         self.tokens = torch.zeros((bsz, self.total_len), dtype=torch.long, device=device)  # 0 (unk) pads the prefill
         for i, t in enumerate(prompt_tokens):
             self.tokens[i, : len(t)] = torch.tensor(t, dtype=torch.long, device=device)
-        self.all_logprobs = torch.zeros((bsz, self.total_len), dtype=torch.float, device=device) if logprobs else None
+        self.all_logprobs = torch.zeros((bsz, self.total_len), dtype=torch.float, device=device) if self.logprobs else None
         self.position = torch.tensor(self.prompt_lens, device=device)  # each row's next position to fill
         self.end = torch.tensor(self.ends, device=device)
         self.stop_tensor = torch.tensor(stop_ids, device=device)
         self.live = self.position < self.end  # rows still generating
 
         logits = llama.model.forward(self.tokens[:, :prompt_len], 0)
-        if logprobs:
+        if self.logprobs:
             self.all_logprobs[:, 1:prompt_len] = token_logprobs(logits[:, :-1], self.tokens[:, 1:prompt_len],
                                                                 self.pad_id)
         self.batch = list(range(bsz)) if llama.compiled_step is not None else [  # fixed shapes when compiled
@@ -483,7 +552,7 @@ class Generation:
         step = 0
         while self.batch and any(last_position[i] < self.ends[i] for i in self.batch):
             batch, batch_rows = self.batch, self.batch_rows
-            next_token = sample_next(self.last, self.temperature, self.top_p)
+            next_token = sample_next(self.last, self.temperature, self.top_p, self.generator)
             at = position[batch_rows]
             writing = live[batch_rows]
             slot = at.clamp(max=self.total_len - 1)  # rows that are done write their last token back

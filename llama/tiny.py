@@ -11,11 +11,11 @@ import os
 import random
 from typing import Dict
 
-import fire
 import sentencepiece as spm
 import torch
 
 from llama import weights
+from llama.cli import run
 from llama.formats.base import split_state_dict
 from llama.formats.meta import save_checkpoint
 from llama.config import DTYPES, ModelArgs
@@ -110,13 +110,18 @@ def main(out_dir: str, config: str = "mha", n_shards: int = 1, seed: int = 0, dt
     """Write OUT_DIR/tokenizer.model and OUT_DIR/CONFIG/, a random checkpoint in Meta's format."""
     if config not in CONFIGS:
         raise ValueError(f"unknown config {config!r}; choose one of {sorted(CONFIGS)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    ckpt_dir = os.path.join(out_dir, config)
+    if os.path.exists(ckpt_dir):
+        raise FileExistsError(f"{ckpt_dir} already exists; remove it or write to another folder")
     os.makedirs(out_dir, exist_ok=True)
     tokenizer_path = os.path.join(out_dir, "tokenizer.model")
     if not os.path.exists(tokenizer_path):
         train_tokenizer(tokenizer_path)
-    make_checkpoint(os.path.join(out_dir, config), CONFIGS[config], TOKENIZER_VOCAB, n_shards, seed, DTYPES[dtype])
-    print(f"wrote {tokenizer_path} and {os.path.join(out_dir, config)}/ ({n_shards} shard(s))")
+    make_checkpoint(ckpt_dir, CONFIGS[config], TOKENIZER_VOCAB, n_shards, seed, DTYPES[dtype])
+    print(f"wrote {tokenizer_path} and {ckpt_dir}/ ({n_shards} shard(s))")
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run(main, "python -m llama.tiny")

@@ -23,11 +23,11 @@ def chat_command(ckpt_dir, tokenizer_path, *flags):
 class Terminal:
     """A command in a pseudo-terminal: what it prints is read as a screen shows it, keys are typed into it."""
 
-    def __init__(self, argv):
+    def __init__(self, argv, env=None):
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: the command, with the terminal as its own
             os.chdir(ROOT)
-            os.execvpe(argv[0], argv, ENV)
+            os.execvpe(argv[0], argv, {**ENV, **(env or {})})
         self.screen = ""
 
     def read_until(self, text: str, timeout: float = 120) -> str:
@@ -88,6 +88,19 @@ def test_a_conversation_is_kept_and_each_answer_is_the_models(build, tiny_dir, t
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count(HELP_END) == 1
     assert out.stdout.split(HELP_END, 1)[1] == "".join(f"> {answer}\n" for answer in answers) + "> "
+
+
+def test_under_torchrun_the_chat_waits_for_a_person_longer_than_the_collective_timeout(tiny_dir, tokenizer_path):
+    """The other ranks wait for rank 0's next line without the bound that fails a stuck rank's peers."""
+    terminal = Terminal(TORCHRUN_2 + chat_command(tiny_dir / "gqa-mp2", tokenizer_path, "--max_seq_len", "128",
+                                                  "--max_gen_len", "8"), env={"LLAMA_DIST_TIMEOUT": "2"})
+    terminal.read_until(HELP_END + "> ")
+    time.sleep(5)  # thinking
+    terminal.type("hello\n")
+    terminal.read_until("hello\n")
+    assert terminal.read_until("\n> ")
+    terminal.type("/quit\n")
+    assert terminal.exit_code() == 0
 
 
 @pytest.mark.parametrize("launcher, checkpoint", [([sys.executable], "gqa-mp1"), (TORCHRUN_2, "gqa-mp2")])

@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -321,3 +322,66 @@ def test_a_missing_shard_is_named(tiny_dir, tokenizer_path, tmp_path):
     with pytest.raises(FileNotFoundError, match=message):
         Llama.build(str(broken), tokenizer_path, 64, 1, device="cpu", dtype="fp32")
     assert not (tmp_path / "out").exists()
+
+
+WRITE_THEN = """
+import os, signal, sys, time
+from llama.formats.base import atomic_directory
+with atomic_directory(sys.argv[1]) as tmp:
+    open(os.path.join(tmp, "consolidated.00.pth"), "wb").write(b"half a shard")
+    os.kill(os.getpid(), getattr(signal, sys.argv[2]))
+    time.sleep(30)
+"""
+
+
+@pytest.mark.parametrize("signal_name, code", [("SIGTERM", 128 + 15), ("SIGHUP", 128 + 1), ("SIGINT", -2)])
+def test_a_write_ended_by_a_signal_leaves_nothing(tmp_path, signal_name, code):
+    proc = subprocess.run([sys.executable, "-c", WRITE_THEN, str(tmp_path / "out"), signal_name], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == code, proc.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_next_run_removes_what_a_killed_run_left(tiny_dir, tmp_path):
+    killed = subprocess.run([sys.executable, "-c", WRITE_THEN, str(tmp_path / "out"), "SIGKILL"], timeout=60)
+    assert killed.returncode == -9
+    [leftover] = os.listdir(tmp_path)
+    assert leftover.startswith(".out.partial-")
+    proc = subprocess.run([sys.executable, "-m", "llama.convert", "reshard", str(tiny_dir / "mha-mp1"),
+                           str(tmp_path / "out"), "--model_parallel_size", "1"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert f"removed {tmp_path / leftover}, left by an interrupted write of {tmp_path / 'out'}" in proc.stderr
+    assert os.listdir(tmp_path) == ["out"]
+
+
+def test_a_write_in_progress_is_not_touched(tiny_dir, tmp_path):
+    """A partial folder of a live process (this one) is another run writing the same destination."""
+    busy = tmp_path / f".out.partial-{socket.gethostname()}-{os.getpid()}-abc123"
+    busy.mkdir()
+    with pytest.raises(FileExistsError, match=f"process {os.getpid()} is writing"):
+        convert.reshard(str(tiny_dir / "mha-mp1"), str(tmp_path / "out"), 1)
+    assert busy.exists()
+
+
+def test_a_full_disk_is_reported_plainly(tiny_dir, tmp_path, monkeypatch):
+    from llama.formats import base
+
+    source_bytes = open_checkpoint(str(tiny_dir / "mha-mp1")).nbytes()
+    free = {"bytes": source_bytes // 2}
+    monkeypatch.setattr(base.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 0, free["bytes"]))
+    with pytest.raises(OSError, match="No space left on device: writing .*out needs about .* GB, and .* GB free"):
+        convert.reshard(str(tiny_dir / "mha-mp1"), str(tmp_path / "out"), 2)
+    assert os.listdir(tmp_path) == []
+
+    # Enough space announced, but the disk fills while writing: torch.save's own error is explained.
+    free["bytes"] = 10**12
+
+    def fill_disk(*args, **kwargs):
+        free["bytes"] = 0
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4544 vs 4436")
+
+    monkeypatch.setattr(torch, "save", fill_disk)
+    with pytest.raises(OSError, match="No space left on device while writing .*out \\(.*unexpected pos"):
+        convert.reshard(str(tiny_dir / "mha-mp1"), str(tmp_path / "out"), 2)
+    assert os.listdir(tmp_path) == []

@@ -343,3 +343,23 @@ def test_clear_error_without_wget_or_curl(server, tmp_path):
     assert result.returncode != 0
     assert "neither wget nor curl" in result.stderr
     assert server.requests == []
+
+
+@pytest.mark.parametrize("downloader, reason", [
+    pytest.param("wget", "Connection refused", marks=needs_wget),
+    pytest.param("curl", "could not connect to the server", marks=needs_curl)])
+def test_no_response_says_why_in_the_downloaders_words(server, tmp_path, downloader, reason):
+    """A refused connection (as a wrong proxy or DNS failure gives no HTTP status either) is named, not shown as
+    'last HTTP status: -'."""
+    import socket
+
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    url = re.sub(r"127\.0\.0\.1:\d+", f"127.0.0.1:{port}", server.url)
+    result = run(["--url", url, "--models", "7B", "--target-dir", str(tmp_path)], downloader=downloader,
+                 env={"LLAMA_TRIES": "2"})
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert "no response from the server" in last and reason in last and "proxy" in last, last
+    assert "HTTP status: -" not in result.stderr

@@ -85,7 +85,7 @@ def test_generation_stops_at_eos_and_cuts_it(build, monkeypatch):
     eos = generator.tokenizer.eos_id
     # Force the model to emit EOS after two tokens by making sampling deterministic.
     picks = iter([torch.tensor([5]), torch.tensor([6]), torch.tensor([eos]), torch.tensor([7])])
-    monkeypatch.setattr("llama.generation.sample_next", lambda logits, t, p: next(picks))
+    monkeypatch.setattr("llama.generation.sample_next", lambda logits, t, p, generator: next(picks))
     tokens, _ = generator.generate([[1, 2 + 1, 4]], max_gen_len=10, temperature=0.5)
     assert tokens == [[5, 6]]
 
@@ -126,8 +126,12 @@ def test_text_completion_result_shape(build):
     [
         (dict(prompt_tokens=[[1, 2]] * 5), "5 prompts exceed max_batch_size=4"),
         (dict(prompt_tokens=[[1, 2], [1] * 65]), "prompt 1 is 65 tokens long, longer than max_seq_len=64"),
-        (dict(max_gen_len=0), "max_gen_len must be at least 1"),
-        (dict(temperature=-0.1), "temperature must be >= 0"),
+        (dict(max_gen_len=0), "max_gen_len must be an integer of at least 1"),
+        (dict(temperature=-0.1), "temperature must be a finite number >= 0"),
+        (dict(temperature=float("nan")), "temperature must be a finite number >= 0"),
+        (dict(temperature=float("inf")), "temperature must be a finite number >= 0"),
+        (dict(top_p=float("nan")), "top_p must be in \\(0, 1\\]"),
+        (dict(seed=-1), "seed must be an integer"),
         (dict(top_p=0.0), "top_p must be in \\(0, 1\\]"),
         (dict(top_p=1.5), "top_p must be in \\(0, 1\\]"),
         (dict(prompt_tokens=[]), "no prompts"),
@@ -227,3 +231,37 @@ def test_a_lone_string_or_dialog_is_refused_not_split(build):
             call([{"role": "user", "content": "hello"}], max_gen_len=2)
     with pytest.raises(TypeError, match="prompt_tokens must be a list of token-id lists"):
         generator.generate([1, 2, 3], max_gen_len=2)
+
+
+def test_a_call_with_a_seed_samples_the_same_whatever_ran_before(build):
+    generator = build("mha")
+    kwargs = dict(max_gen_len=12, temperature=1.0, top_p=1.0)
+    first = generator.text_completion(["hello world", "the cat"], seed=7, **kwargs)
+    generator.text_completion(["something else"], **kwargs)  # moves the global generator on
+    again = generator.text_completion(["hello world", "the cat"], seed=7, **kwargs)
+    other = generator.text_completion(["hello world", "the cat"], seed=8, **kwargs)
+    streamed = list(generator.text_completion_stream(["hello world", "the cat"], seed=7, **kwargs))
+    assert first == again != other
+    assert ["".join(e["text"] for e in streamed if e["index"] == i) for i in range(2)] == [
+        r["generation"] for r in first]
+    assert generator.chat_completion([[{"role": "user", "content": "hi"}]], seed=5, **kwargs) == \
+        generator.chat_completion([[{"role": "user", "content": "hi"}]], seed=5, **kwargs)
+
+
+def test_a_context_beyond_the_trained_one_warns(tiny_dir, tokenizer_path, capsys):
+    Llama.build(str(tiny_dir / "mha-mp1"), tokenizer_path, 4097, 1, device="cpu", dtype="fp32")
+    assert ("warning: max_seq_len=4097 is longer than the 4096 tokens this model was trained on"
+            in capsys.readouterr().err)
+    Llama.build(str(tiny_dir / "mha-mp1"), tokenizer_path, 4096, 1, device="cpu", dtype="fp32")
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_loading_a_large_checkpoint_shows_progress(tiny_dir, tokenizer_path, capsys, monkeypatch):
+    from llama import generation
+
+    Llama.build(str(tiny_dir / "mha-mp1"), tokenizer_path, 64, 1, device="cpu", dtype="fp32")
+    assert "Loading" not in capsys.readouterr().err  # small: nothing to wait for
+    monkeypatch.setattr(generation, "PROGRESS_MIN_BYTES", 0)
+    Llama.build(str(tiny_dir / "gqa-mp2"), tokenizer_path, 64, 1, device="cpu", dtype="bf16", quantize="int8")
+    err = capsys.readouterr().err
+    assert err.startswith("\rLoading 0.0 GB: ") and err.endswith("100%\n") and err.count("\n") == 1

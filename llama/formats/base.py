@@ -6,18 +6,23 @@ are kinds of it; writing is atomic (`atomic_directory`).
 
 import collections
 import contextlib
+import errno
 import hashlib
 import math
 import os
 import shutil
+import signal
+import socket
+import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 
 from llama import weights
-from llama.config import ModelArgs
+from llama.config import ModelArgs, trained_context
 
 # Bytes of tensors read through one memory mapping of a file before it is let go: the pages read stay resident
 # while it is mapped, so this bounds the host memory loading needs beyond what a rank keeps.
@@ -66,6 +71,11 @@ class Checkpoint:
 
     scheme: Optional[dict] = None  # a pre-quantized checkpoint's quantization ({"mode": ..., "group_size": ...})
 
+    @property
+    def trained_context(self) -> int:
+        """The context length the model was trained on: longer ones work, but its text degrades past it."""
+        return trained_context(self.params)
+
     def split_dim(self, key: str) -> Optional[int]:
         """The dim of the full tensor `key` that model-parallel ranks split (None: each holds all of it)."""
         return weights.split_dim(key)
@@ -84,6 +94,11 @@ class Checkpoint:
         if dim is not None:
             shape[dim] = sum(p.shape[dim] for p in pieces)
         return tuple(shape)
+
+    def nbytes(self, keys: Optional[Iterable[str]] = None) -> int:
+        """Bytes of the full tensors (all, or `keys`) as stored."""
+        return sum(math.prod(self.full_shape(k)) * self.pieces[k][0].dtype.itemsize
+                   for k in (keys if keys is not None else self.pieces))
 
     def model_args(self, **overrides) -> ModelArgs:
         """ModelArgs from the config; a vocab_size of -1 (Meta's "from the tokenizer") is read off the embedding."""
@@ -133,6 +148,7 @@ def load_rank_state_dict(
     device: Union[str, torch.device] = "cpu",
     keys: Optional[Iterable[str]] = None,
     views: bool = True,
+    progress: Optional[Callable[[int, int], None]] = None,
 ) -> Dict[str, torch.Tensor]:
     """The tensors (all, or `keys`) model-parallel rank `rank` of `world` keeps, in dtype (None: as stored) on device.
 
@@ -140,7 +156,8 @@ def load_rank_state_dict(
     READ_CHUNK_BYTES, so host memory peaks near what the rank keeps plus one chunk. Where every tensor read through a
     mapping is stored as the rank keeps it (same rows, dtype, layout, on the CPU), they stay views of the mapped file:
     no copy at all, and pages are read when first used. views=False always copies, for callers that convert each
-    tensor again and free it (a surviving view would keep its whole mapping resident).
+    tensor again and free it (a surviving view would keep its whole mapping resident). progress(bytes done, total)
+    is called after each chunk.
     """
     check_shapes(source, args)
     source.check_split(args, world)
@@ -163,10 +180,21 @@ def load_rank_state_dict(
         targets[key] = (tuple(shape), len(overlaps))
 
     state = {}
+    total, done = sum(_nbytes(job) for file_jobs in jobs.values() for job in file_jobs), 0
     for file in source.files:
         for chunk in _chunks(jobs.get(file, []), READ_CHUNK_BYTES):
             _read_chunk(source, file, chunk, targets, state, dtype, device, views)
+            done += sum(_nbytes(job) for job in chunk)
+            if progress is not None:
+                progress(done, total)
     return state
+
+
+def _nbytes(job: tuple) -> int:
+    """Bytes a read job reads: the rows of its piece it takes (all of it when not split)."""
+    _, piece, dim, _, _, length = job
+    nbytes = math.prod(piece.shape) * piece.dtype.itemsize
+    return nbytes if dim is None else nbytes // piece.shape[dim] * length
 
 
 def _chunks(jobs: list, max_bytes: int) -> Iterable[list]:
@@ -237,19 +265,92 @@ def md5sum(path: str) -> str:
     return digest.hexdigest()
 
 
+def partial_prefix(path: str) -> str:
+    """The start of the names of the temporary folders `path` is written in: they name the host and process, so a
+    later run can tell a folder left by a killed run from one being written."""
+    return f".{os.path.basename(path)}.partial-"
+
+
+def remove_leftovers(path: str) -> None:
+    """Remove the partial folders of `path` that runs killed on this host left (their process is gone), saying so;
+    refuse to start while another live process writes `path`; report those of other hosts or older versions."""
+    parent, prefix = os.path.dirname(os.path.abspath(path)), partial_prefix(path)
+    for name in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
+        if not name.startswith(prefix):
+            continue
+        leftover = os.path.join(parent, name)
+        host, _, pid = name[len(prefix):].rpartition("-")[0].rpartition("-")  # {host}-{pid}-{random}
+        if host != socket.gethostname() or not pid.isdigit():
+            print(f"note: {leftover} looks left by an interrupted write (of another host or an older version); "
+                  "remove it if no run is writing it", file=sys.stderr)
+        elif process_alive(int(pid)):
+            raise FileExistsError(f"process {pid} is writing {path} (in {leftover}); wait for it or stop it")
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+            print(f"removed {leftover}, left by an interrupted write of {path}", file=sys.stderr)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def check_free_space(parent: str, needed: int, path: str) -> None:
+    free = shutil.disk_usage(parent).free
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"No space left on device: writing {path} needs about {needed / 1e9:.2f} GB, "
+                      f"and {parent} has {free / 1e9:.2f} GB free")
+
+
 @contextlib.contextmanager
-def atomic_directory(path: str):
-    """Yield a temporary sibling folder that is renamed to `path` when the block completes and removed if it fails,
-    so an interrupted write never leaves anything at `path`."""
+def interrupts_raise():
+    """SIGTERM and SIGHUP (a `kill`, a closed terminal) raise SystemExit in the main thread, as SIGINT raises
+    KeyboardInterrupt, so cleanup runs before the process ends."""
+    signals = (signal.SIGTERM, signal.SIGHUP) if threading.current_thread() is threading.main_thread() else ()
+
+    def exit_for(signum, frame):
+        raise SystemExit(128 + signum)
+
+    saved = {s: signal.signal(s, exit_for) for s in signals}
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
+LOW_SPACE_BYTES = 1 << 26  # free space below this when a write fails means the disk filled up
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str, expected_bytes: int = 0):
+    """Yield a temporary sibling folder that is renamed to `path` when the block completes and removed if it fails
+    or the process is interrupted (SIGINT, SIGTERM, SIGHUP), so nothing is ever left at `path` half-written; folders a
+    killed run left (SIGKILL, power loss) are removed first. expected_bytes: about what will be written, checked
+    against the free space first."""
     if os.path.exists(path):
         raise FileExistsError(f"{path} already exists; remove it or choose another destination")
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.partial-", dir=parent)
-    try:
-        yield tmp_dir
-        os.chmod(tmp_dir, 0o755)  # mkdtemp makes it private
-        os.rename(tmp_dir, path)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
+    remove_leftovers(path)
+    check_free_space(parent, int(expected_bytes * 1.02), path)
+    with interrupts_raise():
+        tmp_dir = tempfile.mkdtemp(prefix=f"{partial_prefix(path)}{socket.gethostname()}-{os.getpid()}-", dir=parent)
+        try:
+            yield tmp_dir
+            os.chmod(tmp_dir, 0o755)  # mkdtemp makes it private
+            os.rename(tmp_dir, path)
+        except Exception as err:
+            full = shutil.disk_usage(parent).free < LOW_SPACE_BYTES
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            if full and not (isinstance(err, OSError) and err.errno == errno.ENOSPC):
+                raise OSError(errno.ENOSPC, f"No space left on device while writing {path} ({err})") from err
+            raise
+        except BaseException:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            raise

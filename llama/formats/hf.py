@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from llama import weights
-from llama.config import ModelArgs
+from llama.config import ModelArgs, trained_context
 from llama.formats.base import (Checkpoint, Piece, atomic_directory, check_shapes, compact, load_rank_state_dict,
                                 load_shard)
 from llama.tokenizer import Tokenizer
@@ -28,7 +28,6 @@ HF_TO_META = {hf: meta for meta, hf in META_TO_HF.items()}
 HF_IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")  # older exports carry the table
 LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
 
-LLAMA2_CONTEXT = 4096  # max_position_embeddings: params.json has no such field; Llama 2 was trained on 4096
 LLAMA_BOS_ID, LLAMA_EOS_ID = 1, 2  # used when no tokenizer.model is at hand
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 # (index file, weight files without an index), in the order HF prefers them
@@ -116,7 +115,7 @@ def config_to_params(config: dict, path: str) -> dict:
     return params
 
 
-def params_to_config(args: ModelArgs, dtype: torch.dtype, bos_id: int, eos_id: int) -> dict:
+def params_to_config(args: ModelArgs, dtype: torch.dtype, bos_id: int, eos_id: int, context: int) -> dict:
     """config.json for LlamaForCausalLM, readable by transformers 4 (rope_theta, torch_dtype) and 5 (rope_parameters,
     dtype)."""
     dtype_name = str(dtype).removeprefix("torch.")
@@ -126,7 +125,7 @@ def params_to_config(args: ModelArgs, dtype: torch.dtype, bos_id: int, eos_id: i
         "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim,
         "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps, "hidden_act": "silu",
         "rope_theta": args.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
-        "max_position_embeddings": LLAMA2_CONTEXT, "attention_bias": False, "mlp_bias": False,
+        "max_position_embeddings": context, "attention_bias": False, "mlp_bias": False,
         "tie_word_embeddings": False, "bos_token_id": bos_id, "eos_token_id": eos_id,
         "torch_dtype": dtype_name, "dtype": dtype_name,
     }
@@ -182,7 +181,9 @@ class HFCheckpoint(Checkpoint):
 
     def __init__(self, path: str):
         self.path = path
-        self.params = config_to_params(_read_json(os.path.join(path, "config.json")), os.path.join(path, "config.json"))
+        config = _read_json(os.path.join(path, "config.json"))
+        self.params = config_to_params(config, os.path.join(path, "config.json"))
+        self.max_position_embeddings = config.get("max_position_embeddings")
         self.head_dim = ModelArgs.from_params(self.params).head_dim
         self.files = weight_files(path)
         self.pieces = {}
@@ -196,6 +197,10 @@ class HFCheckpoint(Checkpoint):
                 if key in self.pieces:
                     raise ValueError(f"{name} is in both {self.pieces[key][0].file} and {file}")
                 self.pieces[key] = [Piece(file, name, 0, shape, dtype)]
+
+    @property
+    def trained_context(self) -> int:
+        return self.max_position_embeddings or trained_context(self.params)
 
     @staticmethod
     def _tensors(file: str):
@@ -275,8 +280,8 @@ def save_hf(source: Checkpoint, dst: str, tokenizer_path: Optional[str] = None,
     ]
     tokenizer = Tokenizer(tokenizer_path) if tokenizer_path else None
     config = params_to_config(args, dtype, tokenizer.bos_id if tokenizer else LLAMA_BOS_ID,
-                              tokenizer.eos_id if tokenizer else LLAMA_EOS_ID)
-    with atomic_directory(dst) as tmp_dir:
+                              tokenizer.eos_id if tokenizer else LLAMA_EOS_ID, source.trained_context)
+    with atomic_directory(dst, source.nbytes(keys)) as tmp_dir:
         weight_map, total = {}, 0
         for file, group in zip(files, groups):
             state = load_rank_state_dict(source, args, rank=0, world=1, keys=group)
@@ -306,7 +311,8 @@ def meta_to_hf_model(source: Checkpoint, dtype: Optional[torch.dtype] = None, de
     args = source.model_args()
     state = to_hf_state_dict(load_rank_state_dict(source, args, 0, 1, dtype), args.head_dim)
     config = transformers.LlamaConfig(**{
-        k: v for k, v in params_to_config(args, next(iter(state.values())).dtype, LLAMA_BOS_ID, LLAMA_EOS_ID).items()
+        k: v for k, v in params_to_config(args, next(iter(state.values())).dtype, LLAMA_BOS_ID, LLAMA_EOS_ID,
+                                      source.trained_context).items()
         if k not in ("architectures", "model_type", "torch_dtype", "rope_theta")
     })
     model = transformers.LlamaForCausalLM.from_pretrained(None, config=config, state_dict=state)

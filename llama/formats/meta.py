@@ -125,12 +125,12 @@ class MetaCheckpoint(Checkpoint):
 
 def save_checkpoint(
     ckpt_dir: str, params: dict, shards: Iterable[Dict[str, torch.Tensor]], tokenizer_path: Optional[str] = None,
-    extra_json: Optional[Dict[str, dict]] = None,
+    extra_json: Optional[Dict[str, dict]] = None, expected_bytes: int = 0,
 ) -> None:
     """Write consolidated.NN.pth, params.json, any extra_json files ({name: content}) and checklist.chk (md5sum
     format), plus a copy of tokenizer_path if given, into ckpt_dir atomically. `shards` may be a generator, so only
-    one shard need be in memory."""
-    with atomic_directory(ckpt_dir) as tmp_dir:
+    one shard need be in memory. expected_bytes: about how much the shards hold, checked against the free space."""
+    with atomic_directory(ckpt_dir, expected_bytes) as tmp_dir:
         names = []
         for shard in shards:  # not enumerate: its cached result tuple would keep the last shard while the next is made
             path = shard_path(tmp_dir, len(names))

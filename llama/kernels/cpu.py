@@ -21,13 +21,14 @@ import platform
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import warnings
 from typing import Dict, Optional, Tuple
 
 import torch
 
-from llama import ops
+from llama import ops, runtime
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu.cpp")
 # Tried in order: tuned for this CPU with OpenMP threads, then plainer builds for compilers that refuse a flag.
@@ -61,6 +62,8 @@ def compile_library(compiler: str, flags: list) -> Optional[str]:
     if os.path.exists(path):
         return path
     os.makedirs(cache_dir(), exist_ok=True)
+    runtime.print_rank0(f"Compiling the CPU kernels for this CPU ({' '.join(flags)}; once, cached in {cache_dir()})",
+                        file=sys.stderr, flush=True)
     # build under a temporary name and rename, so a concurrent process never loads a half-written library
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir())
     os.close(fd)
