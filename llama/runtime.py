@@ -13,6 +13,7 @@ import contextlib
 import datetime
 import functools
 import os
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -205,12 +206,13 @@ class ThreadTuner:
 
     An OpenMP thread that does not get a core holds up every parallel region it is part of for a scheduler time
     slice, so while another process keeps one of two cores busy, a step on two threads runs several times slower than
-    on one. So every `interval` steps two steps run on another count, and the faster count is kept; the interval
-    doubles up to MAX_INTERVAL while the count holds (on an idle machine the probes cost well under 1%), and drops back
-    to MIN_INTERVAL when steps slow down by half, as they do when a competing process starts.
+    on one. So every `interval` steps a step runs on another count, which is kept if clearly faster (by SWITCH_GAIN:
+    contention makes a far larger difference than noise); the interval doubles up to MAX_INTERVAL while the count
+    holds (on an idle machine the probes cost about 2% of a 64-token answer and well under 1% of long ones), and
+    drops back to MIN_INTERVAL when steps slow down by half, as they do when a competing process starts.
     """
 
-    MIN_INTERVAL, MAX_INTERVAL, PROBE_STEPS, RECENT = 8, 256, 2, 4
+    MIN_INTERVAL, MAX_INTERVAL, PROBE_STEPS, RECENT, SWITCH_GAIN = 16, 256, 1, 4, 0.8
 
     def __init__(self, threads: int):
         self.counts = sorted({threads, max(1, threads - 1), max(1, threads // 2)}, reverse=True)
@@ -249,7 +251,8 @@ class ThreadTuner:
                 return
             self.probe = None
             self.alternatives.append(self.alternatives.pop(0))  # next time, the next alternative
-            if min(times) < 0.9 * min(s for _, s in self.recent):
+            # against the current count's median: its steps vary widely when it is the one that competes for a core
+            if min(times) < self.SWITCH_GAIN * statistics.median(s for _, s in self.recent):
                 self.alternatives[self.alternatives.index(probe_count)] = self.current
                 self.current, self.recent, self.baseline = probe_count, [], None
                 self.interval = self.MIN_INTERVAL

@@ -26,7 +26,7 @@ BUSY = {2: 0.080, 1: 0.017}  # one core taken by another process: the second thr
 def test_on_an_idle_machine_the_tuner_keeps_every_core():
     counts, total = run_steps(ThreadTuner(2), lambda step, n: IDLE[n], 2000)
     assert counts[:8] == [2] * 8
-    assert counts.count(2) / len(counts) > 0.985  # probes: 2 steps every 8, 16, ... up to every 256
+    assert counts.count(2) / len(counts) > 0.985  # probes: a step every 16, 32, ... up to every 256
     assert total < 1.01 * 2000 * IDLE[2]
 
 
