@@ -1,4 +1,4 @@
-"""Talk to a Llama 2 chat model in the terminal, each answer streamed as it is written.
+"""Talk to a Llama 2 or Llama 3 chat model in the terminal, each answer streamed as it is written.
 
     python -m llama.chat --ckpt_dir llama-2-7b-chat/ --tokenizer_path tokenizer.model [--system "Answer briefly."]
     torchrun --nproc_per_node 2 -m llama.chat --ckpt_dir llama-2-13b-chat/ --tokenizer_path tokenizer.model
@@ -14,16 +14,17 @@ import select
 import sys
 import termios
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from llama import runtime
 from llama.cli import run
-from llama.dialog import SPECIAL_TAGS, Dialog, encode_dialog
+from llama.dialog import CHAT_FORMATS, Dialog, encode_dialog
 from llama.generation import Llama, check_sampling
 from llama.runtime import print_rank0
+from llama.tokenizer import tokenizer_kind
 
 HELP = "/reset forgets the conversation, /system TEXT sets a new system prompt, /quit (or Ctrl-D) leaves"
 
@@ -86,9 +87,9 @@ def check_answer_room(answer_room: int, max_seq_len: int) -> None:
                          "choose a smaller one")
 
 
-def check_system_tags(system: Optional[str]) -> None:
-    if system and any(tag in system for tag in SPECIAL_TAGS):
-        raise ValueError(f"the system prompt may not contain the chat format's tags {SPECIAL_TAGS}")
+def check_system_tags(system: Optional[str], tags: Sequence[str]) -> None:
+    if system and any(tag in system for tag in tags):
+        raise ValueError(f"the system prompt may not contain the chat format's tags {list(tags)}")
 
 
 class Chat:
@@ -97,13 +98,14 @@ class Chat:
     def __init__(self, generator: Llama, system: Optional[str], answer_room: int):
         check_answer_room(answer_room, generator.model.params.max_seq_len)
         self.generator = generator
+        self.tags = generator.chat_format.special_tags  # what messages may not contain
         self.answer_room = answer_room  # tokens kept free for each answer
         self.system = system
         self.turns: Dialog = []
         self.check_system()
 
     def check_system(self) -> None:
-        check_system_tags(self.system)
+        check_system_tags(self.system, self.tags)
         if self.prompt_tokens([{"role": "user", "content": ""}]) > self.limit():
             raise ValueError(f"the system prompt alone leaves no room in max_seq_len="
                              f"{self.generator.model.params.max_seq_len} for a message and an answer of "
@@ -121,8 +123,8 @@ class Chat:
     def ask(self, message: str) -> Optional[Dialog]:
         """The dialog to answer with `message` added, dropping the oldest turns as needed (and saying so); None
         when the message alone is too long, or holds the chat format's tags."""
-        if any(tag in message for tag in SPECIAL_TAGS):
-            print_rank0(f"[messages may not contain the chat format's tags {SPECIAL_TAGS}; nothing was sent]")
+        if any(tag in message for tag in self.tags):
+            print_rank0(f"[messages may not contain the chat format's tags {list(self.tags)}; nothing was sent]")
             return None
         turns = self.turns + [{"role": "user", "content": message}]
         dropped = 0
@@ -162,7 +164,9 @@ def main(
     answer_room = max_gen_len or max_seq_len // 4
     check_answer_room(answer_room, max_seq_len)  # before the model loads
     check_sampling(answer_room, temperature, top_p)
-    check_system_tags(system)
+    tokenizer_file = tokenizer_path or os.path.join(ckpt_dir, "tokenizer.model")
+    if os.path.isfile(tokenizer_file):  # else Llama.build says what is missing
+        check_system_tags(system, CHAT_FORMATS[tokenizer_kind(tokenizer_file)].special_tags)
     generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size=1, seed=seed, device=device,
                             dtype=dtype, quantize=quantize, group_size=group_size, threads=threads)
     chat = Chat(generator, system, answer_room)

@@ -31,7 +31,8 @@ def reshard(src: str, dst: str, model_parallel_size: int) -> None:
     args = source.model_args()
     args.check_model_parallel_size(model_parallel_size)
     freqs = args.rotary_frequencies()  # the rope.freqs entry of Meta's files
-    shards = ({**load_rank_state_dict(source, args, rank, model_parallel_size), "rope.freqs": freqs}
+    shards = ({**load_rank_state_dict(source, args, rank, model_parallel_size,
+                                      vocab_split=args.vocab_split_embedding), "rope.freqs": freqs}
               for rank in range(model_parallel_size))
     extra = {QUANTIZATION_FILE: source.scheme} if source.scheme is not None else None  # pre-quantized stays so
     save_checkpoint(dst, source.params, shards, find_tokenizer(src), extra_json=extra, expected_bytes=source.nbytes())
@@ -66,7 +67,8 @@ def quantize(src: str, dst: str, mode: str, group_size: int = 128) -> None:
     scheme = {"mode": mode, "group_size": group_size if mode == "int4" else None}
     freqs = args.rotary_frequencies()  # the rope.freqs entry of Meta's files
     row_scales = full_row_scales(source, args) if mode == "int8" and n_shards > 1 else None
-    shards = ({**quantize_state_dict(load_rank_state_dict(source, args, rank, n_shards), scheme, row_scales),
+    shards = ({**quantize_state_dict(load_rank_state_dict(source, args, rank, n_shards,
+                                                          vocab_split=args.vocab_split_embedding), scheme, row_scales),
                "rope.freqs": freqs} for rank in range(n_shards))
     linear = [key for key in source.pieces if weights.weight(key).linear]
     quantized_bytes = sum(math.prod(source.full_shape(k)) for k in linear) // (1 if mode == "int8" else 2)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from llama import runtime, weights
-from llama.dialog import UNSAFE_ERROR, Dialog, Message, encode_dialog, has_special_tags, validate_dialog
+from llama.dialog import UNSAFE_ERROR, Dialog, Message, chat_format, has_special_tags, validate_dialog
 from llama.engine import CpuDecodeEngine
 from llama.formats import open_checkpoint
 from llama.formats.base import load_rank_state_dict
@@ -203,8 +203,8 @@ class Llama:
             tokenizer_path = os.path.join(ckpt_dir, "tokenizer.model")
             if not os.path.isfile(tokenizer_path):
                 raise FileNotFoundError(
-                    f"no tokenizer.model in {ckpt_dir}: pass tokenizer_path (Meta's download puts it in the folder "
-                    "above the checkpoint)"
+                    f"no tokenizer.model in {ckpt_dir}: pass tokenizer_path (Meta's Llama 2 download puts it in the "
+                    "folder above the checkpoint; Hugging Face's Llama 3 repositories in original/)"
                 )
         tokenizer = Tokenizer(tokenizer_path)
         args = source.model_args(max_seq_len=max_seq_len, max_batch_size=max_batch_size)
@@ -269,6 +269,7 @@ class Llama:
                  thread_tuner: Optional[runtime.ThreadTuner] = None):
         self.model = model
         self.tokenizer = tokenizer
+        self.chat_format = chat_format(tokenizer)  # Llama 2's or Llama 3's, as the tokenizer's kind says
         self.thread_tuner = thread_tuner
         # How a decode step runs, chosen once here: compiled, with every row at its own position in a tensor and
         # attention over the whole cache under a mask, so shapes never change and torch.compile captures the step
@@ -306,7 +307,8 @@ class Llama:
         seed: Optional[int] = None,
     ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
         """Continue each prompt; returns generated ids per prompt (prompt included with echo) cut at the first
-        generated EOS, and each token's log-probability when asked (the first prompt token has none: 0.0).
+        generated stop token of the model's, and each token's log-probability when asked (the first prompt token has
+        none: 0.0).
         seed: sample from a generator seeded with it, so the call's result does not depend on earlier calls."""
         request = self._request(prompt_tokens, max_gen_len, temperature, top_p, logprobs, (), (), seed)
         tokens, token_logprobs, _ = self._start(request).run(echo)
@@ -327,7 +329,7 @@ class Llama:
         return request
 
     def _start(self, request: Request) -> "Generation":
-        return Generation(self, request, [self.tokenizer.eos_id, *request.stop_token_ids])
+        return Generation(self, request, [*self.tokenizer.stop_ids, *request.stop_token_ids])
 
     def stream(
         self,
@@ -433,12 +435,13 @@ class Llama:
         stop_token_ids: Sequence[int] = (),
         seed: Optional[int] = None,
     ) -> List[ChatPrediction]:
-        """Reply to each dialog as the assistant, in the Llama 2 chat format; "finish_reason", stops and seed as in
-        text_completion."""
+        """Reply to each dialog as the assistant, in the model's chat format (Llama 2's or Llama 3's); the model's
+        own stop tokens end the reply; "finish_reason", stops and seed as in text_completion."""
         results = self._complete(self._request(self._encode_dialogs(dialogs), self._max_gen_len(max_gen_len),
                                                temperature, top_p, logprobs, stop, stop_token_ids, seed), False)
         for dialog, result in zip(dialogs, results):
-            content = UNSAFE_ERROR if has_special_tags(dialog) else result.pop("generation")
+            content = UNSAFE_ERROR if has_special_tags(dialog, self.chat_format.special_tags) else result.pop(
+                "generation")
             result["generation"] = {"role": "assistant", "content": content}
         return results
 
@@ -456,7 +459,7 @@ class Llama:
         """chat_completion as it is written: the events of `stream`, "index" the dialog's. A dialog that smuggles
         in the format's tags gets Meta's error reply as its only text."""
         prompt_tokens = self._encode_dialogs(dialogs)  # checks the dialogs
-        unsafe = [has_special_tags(d) for d in dialogs]
+        unsafe = [has_special_tags(d, self.chat_format.special_tags) for d in dialogs]
         events = self.stream(prompt_tokens, self._max_gen_len(max_gen_len), temperature, top_p, logprobs, stop,
                              stop_token_ids, seed)
         return (event if not unsafe[event["index"]] else {**event, "text": UNSAFE_ERROR}
@@ -472,7 +475,7 @@ class Llama:
                             "a list")
         for i, dialog in enumerate(dialogs):
             validate_dialog(dialog, i)
-        return [encode_dialog(self.tokenizer, d) for d in dialogs]
+        return [self.chat_format.encode(self.tokenizer, d) for d in dialogs]
 
     def _complete(self, request: Request, echo: bool) -> List[CompletionPrediction]:
         """The completions of a request: {"generation", "finish_reason"} (+ "tokens", "logprobs")."""
@@ -501,9 +504,9 @@ class Llama:
 
 class Generation:
     """A batch being generated. Every prompt is prefilled whole (padded to the longest), then each step gives every
-    live row one token at its own position, until a stop token (EOS first), a stop asked for with `stop`, or the
-    row's length; a finished row leaves the batch (on accelerators at the next check of which rows are done; the
-    compiled step keeps its batch, so finished rows repeat their last position there)."""
+    live row one token at its own position, until a stop token (the model's, or one asked for), a stop string asked
+    for with `stop`, or the row's length; a finished row leaves the batch (on accelerators at the next check of which
+    rows are done; the compiled step keeps its batch, so finished rows repeat their last position there)."""
 
     def __init__(self, llama: Llama, request: Request, stop_ids: List[int]):
         prompt_tokens, max_gen_len = request.prompt_tokens, request.max_gen_len

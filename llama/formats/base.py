@@ -80,6 +80,11 @@ class Checkpoint:
         """The dim of the full tensor `key` that model-parallel ranks split (None: each holds all of it)."""
         return weights.split_dim(key)
 
+    def stacked_dim(self, key: str) -> Optional[int]:
+        """The dim along which the files' pieces of `key` make up the full tensor: the split dim, except where the
+        files were split another way (Meta's Llama 3 embedding, split on the vocabulary)."""
+        return self.split_dim(key)
+
     def check_split(self, args: ModelArgs, world: int) -> None:
         """Raise if the tensors cannot be split for `world` processes (beyond what the heads allow); Meta's and
         Hugging Face's can always be."""
@@ -89,7 +94,7 @@ class Checkpoint:
         return weights.full_shapes(args)
 
     def full_shape(self, key: str) -> Tuple[int, ...]:
-        pieces, dim = self.pieces[key], self.split_dim(key)
+        pieces, dim = self.pieces[key], self.stacked_dim(key)
         shape = list(pieces[0].shape)
         if dim is not None:
             shape[dim] = sum(p.shape[dim] for p in pieces)
@@ -149,8 +154,10 @@ def load_rank_state_dict(
     keys: Optional[Iterable[str]] = None,
     views: bool = True,
     progress: Optional[Callable[[int, int], None]] = None,
+    vocab_split: bool = False,
 ) -> Dict[str, torch.Tensor]:
-    """The tensors (all, or `keys`) model-parallel rank `rank` of `world` keeps, in dtype (None: as stored) on device.
+    """The tensors (all, or `keys`) model-parallel rank `rank` of `world` keeps, in dtype (None: as stored) on device;
+    with vocab_split, the embedding's rows of the vocabulary instead of its features (Meta's Llama 3 shards).
 
     Files are read one after another, each only for the rows this rank keeps and through mappings let go every
     READ_CHUNK_BYTES, so host memory peaks near what the rank keeps plus one chunk. Where every tensor read through a
@@ -162,21 +169,28 @@ def load_rank_state_dict(
     check_shapes(source, args)
     source.check_split(args, world)
     device = torch.device(device)
-    jobs = collections.defaultdict(list)  # file -> [(key, piece, dim, start in piece, start in target, length)]
+    # file -> [(key, piece, dim, start in piece, length, target dim, start in target, length in target)]
+    jobs = collections.defaultdict(list)
     targets = {}  # key -> (shape this rank keeps, number of pieces it is read from)
     for key in keys if keys is not None else source.pieces:
-        pieces, dim = source.pieces[key], source.split_dim(key)
+        pieces, stacked = source.pieces[key], source.stacked_dim(key)
+        dim = 0 if vocab_split and key == "tok_embeddings.weight" else source.split_dim(key)
         if dim is None:
-            jobs[pieces[0].file].append((key, pieces[0], None, 0, 0, 0))
+            jobs[pieces[0].file].append((key, pieces[0], None, 0, 0, None, 0, 0))
             targets[key] = (pieces[0].shape, 1)
             continue
         shape = list(source.full_shape(key))
         start, stop = rank_rows(key, shape[dim], args, rank, world)
         shape[dim] = stop - start
+        if stacked != dim:  # every piece holds some of this rank's rows on dim: its slice [start, stop) of them
+            for p in pieces:
+                jobs[p.file].append((key, p, dim, start, stop - start, stacked, p.offset, p.shape[stacked]))
+            targets[key] = (tuple(shape), len(pieces))
+            continue
         overlaps = [(p, max(start, p.offset), min(stop, p.offset + p.shape[dim])) for p in pieces]
         overlaps = [(p, lo, hi) for p, lo, hi in overlaps if lo < hi]
         for p, lo, hi in overlaps:
-            jobs[p.file].append((key, p, dim, lo - p.offset, lo - start, hi - lo))
+            jobs[p.file].append((key, p, dim, lo - p.offset, hi - lo, dim, lo - start, hi - lo))
         targets[key] = (tuple(shape), len(overlaps))
 
     state = {}
@@ -192,7 +206,7 @@ def load_rank_state_dict(
 
 def _nbytes(job: tuple) -> int:
     """Bytes a read job reads: the rows of its piece it takes (all of it when not split)."""
-    _, piece, dim, _, _, length = job
+    _, piece, dim, _, length = job[:5]
     nbytes = math.prod(piece.shape) * piece.dtype.itemsize
     return nbytes if dim is None else nbytes // piece.shape[dim] * length
 
@@ -216,7 +230,7 @@ def _read_chunk(source: Checkpoint, file: str, jobs: list, targets: dict, state:
     """Do jobs (see load_rank_state_dict) through one mapping of file, into state."""
     kept_views, copied = [], False
     with source.open(file) as read:
-        for key, piece, dim, src_start, dst_start, length in jobs:
+        for key, piece, dim, src_start, length, dst_dim, dst_start, dst_length in jobs:
             src = read(key, piece, dim, src_start, length)
             shape, n_pieces = targets[key]
             target_dtype = dtype or src.dtype
@@ -226,7 +240,7 @@ def _read_chunk(source: Checkpoint, file: str, jobs: list, targets: dict, state:
                 continue
             if key not in state:
                 state[key] = torch.empty(shape, dtype=target_dtype, device=device)
-            (state[key] if dim is None else state[key].narrow(dim, dst_start, length)).copy_(src)
+            (state[key] if dst_dim is None else state[key].narrow(dst_dim, dst_start, dst_length)).copy_(src)
             copied = True
     if copied:  # a view would keep the mapping resident, with the pages read for the copies
         for key in kept_views:
@@ -240,7 +254,7 @@ def split_state_dict(full: Dict[str, torch.Tensor], args: ModelArgs, world: int)
     for rank in range(world):
         shard = {}
         for key, t in full.items():
-            dim = weights.split_dim(key)
+            dim = 0 if key == "tok_embeddings.weight" and args.vocab_split_embedding else weights.split_dim(key)
             if dim is None:
                 shard[key] = t
             else:

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import re
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -76,8 +76,16 @@ def ffn_params(dim: int, hidden: int) -> Tuple[int, Optional[float]]:
     return 1, (hidden + 0.5) / base  # int(multiplier * base) == hidden exactly
 
 
+# Llama 3.1's rotary scaling: Hugging Face's rope_scaling / rope_parameters keys -> ModelArgs fields
+ROPE_SCALING_KEYS = {"factor": "rope_scaling_factor", "low_freq_factor": "rope_low_freq_factor",
+                     "high_freq_factor": "rope_high_freq_factor",
+                     "original_max_position_embeddings": "rope_old_context_len"}
+
+
 def config_to_params(config: dict, path: str) -> dict:
-    """params.json (Meta's names) for a Hugging Face Llama config.json; anything Llama 2 lacks is an error."""
+    """params.json (Meta's names) for a Hugging Face Llama config.json (transformers 4's rope_scaling or 5's
+    rope_parameters); anything Llama 2 and 3 lack is an error. Tied embeddings are the checkpoint's business, not
+    params.json's (Meta's files store the output layer either way)."""
     architectures = config.get("architectures") or ["LlamaForCausalLM"]
     if config.get("model_type") != "llama" or "LlamaForCausalLM" not in architectures:
         raise ValueError(
@@ -88,18 +96,18 @@ def config_to_params(config: dict, path: str) -> dict:
                            "vocab_size") if k not in config]
     if missing:
         raise ValueError(f"{path} lacks {missing}")
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope = config.get("rope_scaling") or config.get("rope_parameters") or {}  # transformers 5 prefers rope_scaling too
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     dim, n_heads = config["hidden_size"], config["num_attention_heads"]
     unsupported = {
-        "rope scaling": rope_type != "default",
+        f"rope scaling of type {rope_type!r}": rope_type not in ("default", "llama3"),
         "an activation other than silu": config.get("hidden_act", "silu") != "silu",
         "attention or MLP biases": config.get("attention_bias", False) or config.get("mlp_bias", False),
-        "tied input and output embeddings": config.get("tie_word_embeddings", False),
         "a head_dim other than hidden_size / num_attention_heads": config.get("head_dim") not in (None, dim // n_heads),
     }
     if any(unsupported.values()):
-        raise ValueError(f"{path} asks for {', '.join(k for k, v in unsupported.items() if v)}, which Llama 2 lacks")
+        raise ValueError(f"{path} asks for {', '.join(k for k, v in unsupported.items() if v)}, which Llama 2 and 3 "
+                         "lack")
     multiple_of, multiplier = ffn_params(dim, config["intermediate_size"])
     params = {"dim": dim, "n_layers": config["num_hidden_layers"], "n_heads": n_heads, "multiple_of": multiple_of,
               "norm_eps": config.get("rms_norm_eps", 1e-6), "vocab_size": config["vocab_size"]}
@@ -112,21 +120,38 @@ def config_to_params(config: dict, path: str) -> dict:
     rope_theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
     if rope_theta != 10000.0:
         params["rope_theta"] = rope_theta
+    if rope_type == "llama3":
+        params["use_scaled_rope"] = True
+        missing = [k for k in ROPE_SCALING_KEYS if k not in rope]
+        if missing:
+            raise ValueError(f"{path} asks for rope scaling of type 'llama3' without its {missing}")
+        # each constant only where it differs from what Meta's params.json implies (the factor: by the model's shape)
+        implied = ModelArgs.from_params(params)
+        for hf_key, field in ROPE_SCALING_KEYS.items():
+            value = rope[hf_key]
+            default = implied.rope_factor if field == "rope_scaling_factor" else getattr(implied, field)
+            if value != default:
+                params[field] = value
     return params
 
 
-def params_to_config(args: ModelArgs, dtype: torch.dtype, bos_id: int, eos_id: int, context: int) -> dict:
-    """config.json for LlamaForCausalLM, readable by transformers 4 (rope_theta, torch_dtype) and 5 (rope_parameters,
-    dtype)."""
+def params_to_config(args: ModelArgs, dtype: torch.dtype, bos_id: int, eos_id: Union[int, List[int]], context: int,
+                     tied: bool = False) -> dict:
+    """config.json for LlamaForCausalLM, readable by transformers 4 (rope_theta, rope_scaling, torch_dtype) and 5
+    (rope_parameters, dtype); tied: the output layer is the embedding (no lm_head.weight in the files)."""
     dtype_name = str(dtype).removeprefix("torch.")
+    scaling = {"rope_type": "llama3", "factor": args.rope_factor, "low_freq_factor": args.rope_low_freq_factor,
+               "high_freq_factor": args.rope_high_freq_factor,
+               "original_max_position_embeddings": args.rope_old_context_len} if args.use_scaled_rope else None
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "hidden_size": args.dim, "intermediate_size": args.ffn_hidden_dim, "num_hidden_layers": args.n_layers,
         "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim,
         "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps, "hidden_act": "silu",
-        "rope_theta": args.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
+        "rope_theta": args.rope_theta, "rope_scaling": scaling,
+        "rope_parameters": {**(scaling or {"rope_type": "default"}), "rope_theta": args.rope_theta},
         "max_position_embeddings": context, "attention_bias": False, "mlp_bias": False,
-        "tie_word_embeddings": False, "bos_token_id": bos_id, "eos_token_id": eos_id,
+        "tie_word_embeddings": tied, "bos_token_id": bos_id, "eos_token_id": eos_id,
         "torch_dtype": dtype_name, "dtype": dtype_name,
     }
 
@@ -197,6 +222,10 @@ class HFCheckpoint(Checkpoint):
                 if key in self.pieces:
                     raise ValueError(f"{name} is in both {self.pieces[key][0].file} and {file}")
                 self.pieces[key] = [Piece(file, name, 0, shape, dtype)]
+        # Tied (Llama 3.2 1B, 3B): the output layer is the embedding, which Meta's files store twice
+        if config.get("tie_word_embeddings", False) and "output.weight" not in self.pieces:
+            if "tok_embeddings.weight" in self.pieces:
+                self.pieces["output.weight"] = self.pieces["tok_embeddings.weight"]
 
     @property
     def trained_context(self) -> int:
@@ -254,6 +283,19 @@ def to_hf_state_dict(state: Dict[str, torch.Tensor], head_dim: int) -> Dict[str,
             for key, t in state.items()}
 
 
+def embedding_is_output(source: Checkpoint, args: ModelArgs) -> bool:
+    """Whether the output layer is bit for bit the embedding (tied, as in Llama 3.2 1B and 3B): compared on the
+    first row before the whole, so that an untied model costs one row's read."""
+    keys = ["tok_embeddings.weight", "output.weight"]
+    if len({(source.full_shape(k), source.pieces[k][0].dtype) for k in keys}) > 1:
+        return False
+    first_rows = [load_rank_state_dict(source, args, 0, args.vocab_size, keys=[k], vocab_split=True)[k] for k in keys]
+    if not torch.equal(*first_rows):
+        return False
+    embedding, output = (load_rank_state_dict(source, args, 0, 1, keys=[k])[k] for k in keys)
+    return torch.equal(embedding, output)
+
+
 def save_hf(source: Checkpoint, dst: str, tokenizer_path: Optional[str] = None,
             max_shard_bytes: int = 5 * 10**9) -> None:
     """Write `source` as an HF directory (config.json, safetensors of at most max_shard_bytes each, their index,
@@ -265,7 +307,8 @@ def save_hf(source: Checkpoint, dst: str, tokenizer_path: Optional[str] = None,
 
     args = source.model_args()
     check_shapes(source, args)
-    keys = list(weights.full_shapes(args))
+    tied = embedding_is_output(source, args)
+    keys = [key for key in weights.full_shapes(args) if not (tied and key == "output.weight")]
     dtype = source.pieces[keys[0]][0].dtype
     groups, size = [[]], 0
     for key in keys:
@@ -279,8 +322,9 @@ def save_hf(source: Checkpoint, dst: str, tokenizer_path: Optional[str] = None,
         f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))
     ]
     tokenizer = Tokenizer(tokenizer_path) if tokenizer_path else None
-    config = params_to_config(args, dtype, tokenizer.bos_id if tokenizer else LLAMA_BOS_ID,
-                              tokenizer.eos_id if tokenizer else LLAMA_EOS_ID, source.trained_context)
+    eos = (tokenizer.stop_ids if len(tokenizer.stop_ids) > 1 else tokenizer.eos_id) if tokenizer else LLAMA_EOS_ID
+    config = params_to_config(args, dtype, tokenizer.bos_id if tokenizer else LLAMA_BOS_ID, eos,
+                              source.trained_context, tied)
     with atomic_directory(dst, source.nbytes(keys)) as tmp_dir:
         weight_map, total = {}, 0
         for file, group in zip(files, groups):
@@ -313,7 +357,7 @@ def meta_to_hf_model(source: Checkpoint, dtype: Optional[torch.dtype] = None, de
     config = transformers.LlamaConfig(**{
         k: v for k, v in params_to_config(args, next(iter(state.values())).dtype, LLAMA_BOS_ID, LLAMA_EOS_ID,
                                       source.trained_context).items()
-        if k not in ("architectures", "model_type", "torch_dtype", "rope_theta")
+        if k not in ("architectures", "model_type", "torch_dtype", "rope_theta", "rope_scaling")  # 5's names only
     })
     model = transformers.LlamaForCausalLM.from_pretrained(None, config=config, state_dict=state)
     return model.to(device).eval()  # device_map would need accelerate

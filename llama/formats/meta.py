@@ -70,7 +70,11 @@ class MetaCheckpoint(Checkpoint):
         self.path = ckpt_dir
         self.params = read_params(ckpt_dir)
         self.files = find_shards(ckpt_dir)
+        self.vocab_split = False  # the embedding's shards split the vocabulary (Llama 3), told by their shape
         self.pieces = self._index()
+
+    def stacked_dim(self, key: str) -> Optional[int]:
+        return 0 if self.vocab_split and key == "tok_embeddings.weight" else self.split_dim(key)
 
     def _index(self) -> Dict[str, List[Piece]]:
         args = ModelArgs.from_params(self.params)
@@ -89,9 +93,11 @@ class MetaCheckpoint(Checkpoint):
                     f"{path} has different keys from {self.files[0]} (e.g. {diff}); shards must come from one "
                     "checkpoint"
                 )
+        embedding = shards[0].get("tok_embeddings.weight")
+        self.vocab_split = n > 1 and embedding is not None and embedding.dim() == 2 and embedding.shape[1] == args.dim
         pieces = {}
         for key in sorted(keys):
-            dim = self.split_dim(key)
+            dim = self.stacked_dim(key)
             first = shards[0][key]
             for path, shard in zip(self.files[1:], shards[1:]):
                 t = shard[key]
