@@ -6,6 +6,7 @@ import sys
 TOOLS = {
     "chat": "talk to a chat model in the terminal, answers streamed (also `llama-chat`)",
     "convert": "reshard Meta checkpoints, convert to and from Hugging Face's format, pre-quantize",
+    "serve": "an OpenAI-compatible HTTP server with continuous batching and a chat page (also `llama-serve`)",
     "tiny": "write a tiny random checkpoint and tokenizer in Meta's format, to try things on",
 }
 EXAMPLES = ("example_text_completion.py", "example_chat_completion.py")
