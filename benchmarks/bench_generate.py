@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from typing import Optional, Tuple
 
 import fire
@@ -30,6 +31,7 @@ SHAPES = {
     "1.1b": {"dim": 2048, "n_layers": 22, "n_heads": 32, "n_kv_heads": 4, "multiple_of": 256, "norm_eps": 1e-5,
              "vocab_size": -1},
     "7b": {"dim": 4096, "n_layers": 32, "n_heads": 32, "multiple_of": 256, "norm_eps": 1e-5, "vocab_size": -1},
+    "tiny": {"dim": 128, "n_layers": 2, "n_heads": 8, "n_kv_heads": 2, "multiple_of": 128, "vocab_size": -1},  # plumbing
 }
 VOCAB = 32000  # of the named shapes' tokenizer
 PREFILL_LEN = 512
@@ -95,7 +97,24 @@ def measure(prefill, generate, device, max_gen_len: int) -> dict:
         first = min(timed(generate(batch, 1), device) for _ in range(2))
         result[f"decode_b{batch}_tok_s"] = batch * max_gen_len / (full - first)
     result["peak_rss_gb"] = peak_rss_gb()
+    if device.type == "cuda":
+        result["peak_device_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+        result["syncs_in_64_steps"] = host_syncs(generate(1, 65))
     return result
+
+
+def host_syncs(run) -> int:
+    """How many times run() makes the host wait for the device (PyTorch's sync debug mode warns once for each):
+    a decode loop should need none per token, only its periodic check of which rows are done."""
+    run()  # warm: compilation and CUDA-graph capture synchronise too
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def run_ours(ckpt_dir, tokenizer_path, device, dtype, max_gen_len, **build_kwargs) -> dict:
@@ -243,6 +262,10 @@ def main(
               f"{streamed / 1e9:>9.2f}{r['bandwidth_gb_s']:>6.1f}{r['ceiling_tok_s']:>8.1f}{r['decode_b1_tok_s']:>10.2f}"
               f"{100 * r['decode_b1_tok_s'] / r['ceiling_tok_s']:>9.0f}%{r['decode_b8_tok_s']:>10.1f}"
               f"{r['peak_rss_gb']:>12.2f}")
+    for label, r in results.items():
+        if "peak_device_gb" in r:
+            print(f"{label}: peak {dev.type} memory {r['peak_device_gb']:.2f} GB; the host waited for the device "
+                  f"{r['syncs_in_64_steps']} times in 64 decode steps at batch 1")
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"shape": shape, "dtype": dtype, "device": str(dev), "threads": threads,

@@ -1,4 +1,7 @@
-"""Fixtures: a tokenizer trained like Llama's and tiny random checkpoints in Meta's format, made once per run."""
+"""Fixtures: a tokenizer trained like Llama's and tiny random checkpoints in Meta's format, made once per run.
+
+LLAMA_TEST_DEVICE (default cpu) is the device the `build` fixture puts models on (so far the tests of
+test_model.py follow it; benchmarks/gpu_check.sh runs them on CUDA)."""
 
 import os
 
@@ -25,7 +28,7 @@ def tokenizer_path(tiny_dir):
 
 @pytest.fixture(scope="session")
 def build(tiny_dir, tokenizer_path):
-    """build(config, shards=1, **kwargs) -> Llama in fp32 on the CPU, cached per arguments."""
+    """build(config, shards=1, **kwargs) -> Llama in fp32 on LLAMA_TEST_DEVICE, cached per arguments."""
     from llama import Llama
 
     cache = {}
@@ -33,7 +36,7 @@ def build(tiny_dir, tokenizer_path):
     def _build(config="mha", shards=1, max_seq_len=64, max_batch_size=4, **kwargs):
         key = (config, shards, max_seq_len, max_batch_size, tuple(sorted(kwargs.items())))
         if key not in cache:
-            kwargs = {"device": "cpu", "dtype": "fp32", **kwargs}
+            kwargs = {"device": os.environ.get("LLAMA_TEST_DEVICE", "cpu"), "dtype": "fp32", **kwargs}
             ckpt = os.path.join(tiny_dir, f"{config}-mp{shards}")
             cache[key] = Llama.build(ckpt, tokenizer_path, max_seq_len, max_batch_size, **kwargs)
         return cache[key]

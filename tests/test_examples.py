@@ -65,3 +65,19 @@ def test_a_prequantized_checkpoint_runs_in_the_examples(quickstart, tmp_path):
     out = run([sys.executable, "example_text_completion.py", "--ckpt_dir", str(quantized),
                "--tokenizer_path", str(quickstart / "tokenizer.model"), "--max_gen_len", "4"])
     assert out.count("==================================") == 4
+
+
+def test_the_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
+    """benchmarks/gpu_check.sh, with a tiny shape on the CPU: every part runs and writes its figures."""
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHONPATH": ROOT, "TMPDIR": str(tmp_path),
+                                            "LLAMA_CHECK_DEVICE": "cpu", "LLAMA_CHECK_SHAPE": "tiny",
+                                            "LLAMA_CHECK_DTYPE": "fp32", "LLAMA_CHECK_BENCH_FLAGS": "--max_gen_len 4"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "torch" in (out / "env.txt").read_text()
+    assert " passed" in (out / "tests.log").read_text()
+    results = json.loads((out / "bench.json").read_text())["results"]
+    assert sorted(results) == ["ours", "ours compiled", "ours int4", "ours int8"]
+    for row in results.values():
+        assert row["decode_b1_tok_s"] > 0 and row["decode_b8_tok_s"] > 0 and row["prefill_tok_s"] > 0

@@ -63,7 +63,7 @@ def test_logits_match_transformers(build, tiny_dir, config):
     hf = hf_model_from_meta(str(tiny_dir / f"{config}-mp1"), generator.tokenizer.n_words)
     tokens = torch.randint(0, generator.tokenizer.n_words, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        ours = generator.model.forward(tokens, 0)
+        ours = generator.model.forward(tokens.to(device_of(generator.model)), 0).cpu()
         theirs = hf(tokens).logits
     assert ours.dtype == torch.float32 and ours.shape == (2, 40, generator.tokenizer.n_words)
     assert (ours - theirs).abs().max().item() <= 1e-4
@@ -72,7 +72,7 @@ def test_logits_match_transformers(build, tiny_dir, config):
 @pytest.mark.parametrize("config", ["mha", "gqa"])
 def test_cached_decoding_equals_full_forward(build, config):
     model = build(config).model
-    tokens = torch.randint(3, 500, (3, 24), generator=torch.Generator().manual_seed(2))
+    tokens = torch.randint(3, 500, (3, 24), generator=torch.Generator().manual_seed(2)).to(device_of(model))
     with torch.inference_mode():
         full = model.forward(tokens, 0)
         # prefill 10, then a chunk of 5 (exercises the offset causal mask), then one token at a time
@@ -85,13 +85,14 @@ def test_cached_decoding_equals_full_forward(build, config):
 def test_static_decode_step_equals_cached_forward(build, config):
     """Positions as a tensor (the compiled path's step: whole-cache attention under a mask) give the same logits."""
     model = build(config).model
-    tokens = torch.randint(3, 500, (3, 20), generator=torch.Generator().manual_seed(6))
+    device = device_of(model)
+    tokens = torch.randint(3, 500, (3, 20), generator=torch.Generator().manual_seed(6)).to(device)
     with torch.inference_mode():
         full = model.forward(tokens, 0)
         model.forward(tokens[:, :12], 0)
-        steps = [model.forward(tokens[:, p : p + 1], torch.full((3,), p)) for p in range(12, 20)]
+        steps = [model.forward(tokens[:, p : p + 1], torch.full((3,), p, device=device)) for p in range(12, 20)]
         with pytest.raises(ValueError, match="one value per row"):
-            model.forward(tokens[:2, :1], torch.tensor([12, 12, 12]))
+            model.forward(tokens[:2, :1], torch.tensor([12, 12, 12], device=device))
         with pytest.raises(ValueError, match="positions 5..5 do not fit the cache .*reading 3 positions"):
             model.forward(tokens[:, :1], 5, cache_len=3)
         with pytest.raises(ValueError, match="positions 60..65 do not fit the cache of max_seq_len=64"):
@@ -99,9 +100,18 @@ def test_static_decode_step_equals_cached_forward(build, config):
     assert torch.allclose(torch.cat(steps, dim=1), full[:, 12:], atol=1e-5, rtol=0)
 
 
+def device_of(model) -> torch.device:
+    return model.tok_embeddings.weight.device
+
+
+def on(model, data) -> torch.Tensor:
+    """data as a tensor on the model's device."""
+    return torch.tensor(data, device=device_of(model))
+
+
 def alone(model, tokens: list) -> torch.Tensor:
     """Logits of one sequence fed whole to a fresh row 0: (len, vocab)."""
-    return model.forward(torch.tensor([tokens]), 0)[0]
+    return model.forward(on(model, [tokens]), 0)[0]
 
 
 @pytest.mark.parametrize("config", ["mha", "gqa"])
@@ -114,15 +124,13 @@ def test_rows_at_their_own_positions_match_each_sequence_alone(build, config):
     sequences = [torch.randint(3, 500, (n + 5,), generator=gen).tolist() for n in lengths]
     with torch.inference_mode():
         expected = [alone(model, seq) for seq in sequences]
-        padded = torch.zeros(3, max(lengths), dtype=torch.long)
-        for i, n in enumerate(lengths):
-            padded[i, :n] = torch.tensor(sequences[i][:n])
+        padded = on(model, [seq[:n] + [0] * (max(lengths) - n) for seq, n in zip(sequences, lengths)])
         prefill = model.forward(padded, 0)
         for i, n in enumerate(lengths):
             torch.testing.assert_close(prefill[i, :n], expected[i][:n], rtol=0, atol=1e-5)
         for step in range(5):
-            start = torch.tensor([n + step for n in lengths])
-            tokens = torch.tensor([[seq[n + step]] for seq, n in zip(sequences, lengths)])
+            start = on(model, [n + step for n in lengths])
+            tokens = on(model, [[seq[n + step]] for seq, n in zip(sequences, lengths)])
             logits = model.forward(tokens, start, cache_len=int(start.max()) + 1)
             for i, n in enumerate(lengths):
                 torch.testing.assert_close(logits[i, 0], expected[i][n + step], rtol=0, atol=1e-5)
@@ -138,19 +146,19 @@ def test_a_row_reset_and_refilled_mid_batch_decodes_as_if_alone(build, config):
     refill = torch.randint(3, 500, (10,), generator=gen).tolist()
     with torch.inference_mode():
         expected = [alone(model, first[0]), alone(model, refill), alone(model, first[2])]
-        model.forward(torch.tensor([seq[:6] for seq in first]), 0)
-        model.forward(torch.tensor([[seq[6]] for seq in first]), 6)
-        refilled = model.forward(torch.tensor([refill[:4]]), 0, rows=torch.tensor([1]))
+        model.forward(on(model, [seq[:6] for seq in first]), 0)
+        model.forward(on(model, [[seq[6]] for seq in first]), 6)
+        refilled = model.forward(on(model, [refill[:4]]), 0, rows=on(model, [1]))
         torch.testing.assert_close(refilled[0], expected[1][:4], rtol=0, atol=1e-5)
         for step in range(5):
-            start = torch.tensor([7 + step, 4 + step, 7 + step])
-            tokens = torch.tensor([[first[0][7 + step]], [refill[4 + step]], [first[2][7 + step]]])
+            start = on(model, [7 + step, 4 + step, 7 + step])
+            tokens = on(model, [[first[0][7 + step]], [refill[4 + step]], [first[2][7 + step]]])
             logits = model.forward(tokens, start)
             for i in range(3):
                 torch.testing.assert_close(logits[i, 0], expected[i][int(start[i])], rtol=0, atol=1e-5)
         # row 0 finished: rows 2 and 1 go on without it, in that order
-        tokens = torch.tensor([[first[2][11]], [refill[9]]])
-        logits = model.forward(tokens, torch.tensor([11, 9]), rows=torch.tensor([2, 1]))
+        tokens = on(model, [[first[2][11]], [refill[9]]])
+        logits = model.forward(tokens, on(model, [11, 9]), rows=on(model, [2, 1]))
     torch.testing.assert_close(logits[0, 0], expected[2][11], rtol=0, atol=1e-5)
     torch.testing.assert_close(logits[1, 0], expected[1][9], rtol=0, atol=1e-5)
 
