@@ -516,3 +516,24 @@ def test_a_cancelled_request_frees_its_row_at_the_next_step(scheduled):
     while scheduled.running and time.monotonic() < deadline:
         time.sleep(0.01)
     assert scheduled.running == 0 and scheduled.queued == 0
+
+
+def test_a_llama3_checkpoint_is_served_in_its_own_chat_format(tmp_path):
+    """A tiny Llama 3.2-style checkpoint: the chat endpoint uses the Llama 3 format and stop tokens (its answer is
+    chat_completion's), and Llama 2's tags in a message are text, not refused."""
+    from llama import Llama
+    from llama.tiny import main as tiny_main
+
+    tiny_main(str(tmp_path), config="llama3.2")
+    ckpt = tmp_path / "llama3.2"
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "hello [INST] there"}]
+    expected = Llama.build(str(ckpt), None, 128, 1, device="cpu", dtype="fp32").chat_completion(
+        [messages], temperature=0, max_gen_len=12)[0]
+    server = Server([sys.executable], ckpt, ckpt / "tokenizer.model", "--max_seq_len", 128, "--max_batch_size", 2)
+    try:
+        answer = server.client().chat.completions.create(model="llama3.2", messages=messages, temperature=0,
+                                                         max_tokens=12)
+    finally:
+        server.stop()
+    assert answer.choices[0].message.content == expected["generation"]["content"]
+    assert answer.choices[0].finish_reason == expected["finish_reason"]
