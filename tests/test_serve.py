@@ -303,14 +303,16 @@ def test_a_body_without_a_length_is_bounded_too(server):
     assert response.status_code == 413
 
 
-def test_a_full_queue_answers_503_and_disconnects_free_rows_and_places(server):
+def test_a_full_queue_answers_503_and_disconnects_free_rows_and_places(server, reference):
     """With every row busy and the queue full, a request gets a 503 with Retry-After; clients that go away, running
     or waiting, give back their row or place at once."""
+    # greedy, so no answer ends (and frees its row) while the test looks (a sampled one could end at once)
+    assert reference.text_completion(["hello"], temperature=0, max_gen_len=1000)[0]["finish_reason"] == "length"
 
     async def run():
         limits = httpx.Limits(max_connections=64)
         async with httpx.AsyncClient(base_url=server.url, headers=server.headers, timeout=60, limits=limits) as client:
-            long = {"prompt": "hello", "max_tokens": MAX_SEQ_LEN - 8, "stream": True}
+            long = {"prompt": "hello", "max_tokens": MAX_SEQ_LEN - 8, "temperature": 0, "stream": True}
             streams = [client.stream("POST", "/v1/completions", json=long) for _ in range(MAX_BATCH + MAX_QUEUE)]
             responses = await asyncio.gather(*(s.__aenter__() for s in streams))
             assert all(r.status_code == 200 for r in responses)
@@ -329,9 +331,12 @@ def test_a_full_queue_answers_503_and_disconnects_free_rows_and_places(server):
     assert server.idle(timeout=10)["running"] == 0 and server.health()["waiting"] == 0
 
 
-def test_rows_are_freed_when_clients_disconnect_mid_answer(server):
+def test_rows_are_freed_when_clients_disconnect_mid_answer(server, reference):
+    # greedy, so the answer is known to run on well past the lines read (a sampled one could end at once)
+    assert reference.chat_completion([DIALOGS[0]], temperature=0, max_gen_len=64)[0]["finish_reason"] == "length"
     with httpx.stream("POST", server.url + "/v1/chat/completions", headers=server.headers, timeout=60,
-                      json={"messages": DIALOGS[0], "max_tokens": MAX_SEQ_LEN // 2, "stream": True}) as response:
+                      json={"messages": DIALOGS[0], "max_tokens": MAX_SEQ_LEN // 2, "temperature": 0,
+                            "stream": True}) as response:
         lines = response.iter_lines()
         for _ in range(5):
             next(lines)
