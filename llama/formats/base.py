@@ -17,7 +17,7 @@ import sys
 import tempfile
 import threading
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Callable, ContextManager, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 
@@ -50,6 +50,26 @@ class Piece:
     offset: int
     shape: Tuple[int, ...]
     dtype: torch.dtype
+
+
+class ReadJob(NamedTuple):
+    """Rows of one piece that a rank keeps: read `length` of them from `start` on `dim` of the piece (dim None: all
+    of it), and write them to `target_length` rows from `target_start` on `target_dim` of the rank's tensor."""
+
+    key: str
+    piece: Piece
+    dim: Optional[int]
+    start: int
+    length: int
+    target_dim: Optional[int]
+    target_start: int
+    target_length: int
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes it reads."""
+        nbytes = math.prod(self.piece.shape) * self.piece.dtype.itemsize
+        return nbytes if self.dim is None else nbytes // self.piece.shape[self.dim] * self.length
 
 
 class Checkpoint:
@@ -169,14 +189,13 @@ def load_rank_state_dict(
     check_shapes(source, args)
     source.check_split(args, world)
     device = torch.device(device)
-    # file -> [(key, piece, dim, start in piece, length, target dim, start in target, length in target)]
-    jobs = collections.defaultdict(list)
+    jobs = collections.defaultdict(list)  # file -> [ReadJob]
     targets = {}  # key -> (shape this rank keeps, number of pieces it is read from)
     for key in keys if keys is not None else source.pieces:
         pieces, stacked = source.pieces[key], source.stacked_dim(key)
         dim = 0 if vocab_split and key == "tok_embeddings.weight" else source.split_dim(key)
         if dim is None:
-            jobs[pieces[0].file].append((key, pieces[0], None, 0, 0, None, 0, 0))
+            jobs[pieces[0].file].append(ReadJob(key, pieces[0], None, 0, 0, None, 0, 0))
             targets[key] = (pieces[0].shape, 1)
             continue
         shape = list(source.full_shape(key))
@@ -184,39 +203,31 @@ def load_rank_state_dict(
         shape[dim] = stop - start
         if stacked != dim:  # every piece holds some of this rank's rows on dim: its slice [start, stop) of them
             for p in pieces:
-                jobs[p.file].append((key, p, dim, start, stop - start, stacked, p.offset, p.shape[stacked]))
+                jobs[p.file].append(ReadJob(key, p, dim, start, stop - start, stacked, p.offset, p.shape[stacked]))
             targets[key] = (tuple(shape), len(pieces))
             continue
         overlaps = [(p, max(start, p.offset), min(stop, p.offset + p.shape[dim])) for p in pieces]
         overlaps = [(p, lo, hi) for p, lo, hi in overlaps if lo < hi]
         for p, lo, hi in overlaps:
-            jobs[p.file].append((key, p, dim, lo - p.offset, hi - lo, dim, lo - start, hi - lo))
+            jobs[p.file].append(ReadJob(key, p, dim, lo - p.offset, hi - lo, dim, lo - start, hi - lo))
         targets[key] = (tuple(shape), len(overlaps))
 
     state = {}
-    total, done = sum(_nbytes(job) for file_jobs in jobs.values() for job in file_jobs), 0
+    total, done = sum(job.nbytes for file_jobs in jobs.values() for job in file_jobs), 0
     for file in source.files:
         for chunk in _chunks(jobs.get(file, []), READ_CHUNK_BYTES):
             _read_chunk(source, file, chunk, targets, state, dtype, device, views)
-            done += sum(_nbytes(job) for job in chunk)
+            done += sum(job.nbytes for job in chunk)
             if progress is not None:
                 progress(done, total)
     return state
 
 
-def _nbytes(job: tuple) -> int:
-    """Bytes a read job reads: the rows of its piece it takes (all of it when not split)."""
-    _, piece, dim, _, length = job[:5]
-    nbytes = math.prod(piece.shape) * piece.dtype.itemsize
-    return nbytes if dim is None else nbytes // piece.shape[dim] * length
-
-
-def _chunks(jobs: list, max_bytes: int) -> Iterable[list]:
+def _chunks(jobs: List[ReadJob], max_bytes: int) -> Iterable[List[ReadJob]]:
     """Consecutive runs of jobs whose pieces add up to at most max_bytes (or one piece, if larger)."""
     chunk, size = [], 0
     for job in jobs:
-        piece = job[1]
-        nbytes = math.prod(piece.shape) * piece.dtype.itemsize
+        nbytes = math.prod(job.piece.shape) * job.piece.dtype.itemsize
         if chunk and size + nbytes > max_bytes:
             yield chunk
             chunk, size = [], 0
@@ -226,7 +237,8 @@ def _chunks(jobs: list, max_bytes: int) -> Iterable[list]:
         yield chunk
 
 
-def _read_chunk(source: Checkpoint, file: str, jobs: list, targets: dict, state: dict, dtype, device, views) -> None:
+def _read_chunk(source: Checkpoint, file: str, jobs: List[ReadJob], targets: dict, state: dict, dtype, device,
+                views) -> None:
     """Do jobs (see load_rank_state_dict) through one mapping of file, into state."""
     kept_views, copied = [], False
     with source.open(file) as read:
