@@ -3,9 +3,11 @@
 #
 #   benchmarks/gpu_check.sh OUT_DIR
 #   LLAMA_CHECK_DEVICE=cpu LLAMA_CHECK_SHAPE=tiny LLAMA_CHECK_DTYPE=fp32 benchmarks/gpu_check.sh OUT_DIR
-#       (its plumbing, on a CPU, as tests/test_examples.py runs it; LLAMA_CHECK_BENCH_FLAGS adds benchmark flags)
+#       (its plumbing, on a CPU, as tests/test_examples.py runs it; LLAMA_CHECK_BENCH_FLAGS adds benchmark flags,
+#       LLAMA_CHECK_TESTS replaces the test files)
 #
-# writes under OUT_DIR: env.txt (torch, CUDA, the GPU), tests.log (the model's tests on the device), bench.log and
+# writes under OUT_DIR: env.txt (torch, CUDA, the GPU), tests.log (every test that builds or runs a model, on the
+# device: LLAMA_TEST_DEVICE; those that only apply to the CPU say so among the skips), bench.log and
 # bench.json (the shape, bf16 by default, eager and compiled, int8 and int4: prefill, decode at batch 1 and 8, each against
 # the read bandwidth measured in the same run; peak device memory; host-device synchronisations in 64 decode steps).
 # Each part runs even if one before it fails; the exit status is the first failure's.
@@ -25,7 +27,11 @@ print("torch", torch.__version__, "cuda", torch.version.cuda)
 print("gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
 PY
 
-LLAMA_TEST_DEVICE=$device timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_model.py \
+tests=${LLAMA_CHECK_TESTS:-tests/test_model.py tests/test_generation.py tests/test_quantize.py tests/test_streaming.py \
+tests/test_chat.py tests/test_llama3.py}
+# no -x: one run on a lent GPU should show every failure; -rs lists why each skipped test does not apply there
+# shellcheck disable=SC2086
+LLAMA_TEST_DEVICE=$device timeout 240 python3 -m pytest -q -rs -p no:cacheprovider $tests \
     > "$out/tests.log" 2>&1 || { rc=$?; [ "$status" -eq 0 ] && status=$rc; }
 tail -n 1 "$out/tests.log"
 

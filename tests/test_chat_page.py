@@ -16,9 +16,10 @@ CHROMIUM = shutil.which("chromium")
 MAX_SEQ_LEN = 512
 SYSTEM = "Answer briefly."
 
+pytestmark = [pytest.mark.cpu_only("the server runs in a subprocess on the CPU")]
 if CHROMIUM is None:  # .ci/run installs it; elsewhere say what is missing rather than fail
-    pytestmark = pytest.mark.skipif(not os.environ.get("CI"),
-                                    reason="needs Debian's chromium (apt-get install chromium)")
+    pytestmark.append(pytest.mark.skipif(not os.environ.get("CI"),
+                                         reason="needs Debian's chromium (apt-get install chromium)"))
 
 # Each text an answer's box was given, in order (each a new text node: kept even when several come in one task):
 # how the test sees an answer written piece by piece.

@@ -16,6 +16,7 @@ ROOT = os.path.dirname(HERE)
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+pytestmark = pytest.mark.cpu_only("torchrun with gloo on the CPU")
 
 
 def torchrun(nproc: int, ckpt_dir, tokenizer_path, out_file, *args, script=os.path.join(HERE, "mp_worker.py")):

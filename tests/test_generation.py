@@ -37,25 +37,25 @@ def test_prefill_runs_every_prompt_whole_and_finished_rows_leave_the_batch(build
     assert calls == [(3, 14)] + [(3, 1)] + [(2, 1)] * 4 + [(1, 1)] * 3
 
 
-def test_greedy_tokens_are_argmax_of_full_forward(build):
+def test_greedy_tokens_are_argmax_of_full_forward(build, device):
     generator = build("mha")
     prompt = [1, 100, 200, 300]
     out, _ = generator.generate([prompt], max_gen_len=6, temperature=0)
     seq = prompt + out[0]
     with torch.inference_mode():
-        logits = generator.model.forward(torch.tensor([seq]), 0)
+        logits = generator.model.forward(torch.tensor([seq], device=device), 0)
     expected = logits[0, len(prompt) - 1 : -1].argmax(-1).tolist()
     assert out[0] == expected
 
 
-def test_logprobs_are_log_softmax_of_the_previous_position(build):
+def test_logprobs_are_log_softmax_of_the_previous_position(build, device):
     generator = build("mha")
     prompts = [[1, 100, 200, 300, 400], [1, 7, 8]]
     tokens, logprobs = generator.generate(prompts, max_gen_len=5, temperature=0.8, top_p=0.9, logprobs=True, echo=True)
     for prompt, toks, lps in zip(prompts, tokens, logprobs):
         assert toks[: len(prompt)] == prompt and len(toks) == len(lps) == len(prompt) + 5
         with torch.inference_mode():
-            log_probs = torch.log_softmax(generator.model.forward(torch.tensor([toks]), 0)[0], dim=-1)
+            log_probs = torch.log_softmax(generator.model.forward(torch.tensor([toks], device=device), 0)[0], dim=-1)
         expected = [0.0] + [log_probs[t - 1, toks[t]].item() for t in range(1, len(toks))]
         assert lps == pytest.approx(expected, abs=1e-4)
 
@@ -69,22 +69,22 @@ def test_echo_off_returns_only_the_generation(build):
     assert lp_echo[0][len(prompt) :] == pytest.approx(lp_plain[0], abs=1e-5)
 
 
-def test_logprobs_of_a_prompt_that_fills_the_context(build):
+def test_logprobs_of_a_prompt_that_fills_the_context(build, device):
     generator = build("mha", max_seq_len=8)
     prompt = [1, 10, 11, 12, 13, 14, 15, 16]
     tokens, logprobs = generator.generate([prompt], max_gen_len=3, logprobs=True, echo=True)
     assert tokens[0] == prompt  # no room left to generate
     with torch.inference_mode():
-        log_probs = torch.log_softmax(generator.model.forward(torch.tensor([prompt]), 0)[0], dim=-1)
+        log_probs = torch.log_softmax(generator.model.forward(torch.tensor([prompt], device=device), 0)[0], dim=-1)
     expected = [0.0] + [log_probs[t - 1, prompt[t]].item() for t in range(1, len(prompt))]
     assert logprobs[0] == pytest.approx(expected, abs=1e-4)
 
 
-def test_generation_stops_at_eos_and_cuts_it(build, monkeypatch):
+def test_generation_stops_at_eos_and_cuts_it(build, device, monkeypatch):
     generator = build("mha")
     eos = generator.tokenizer.eos_id
     # Force the model to emit EOS after two tokens by making sampling deterministic.
-    picks = iter([torch.tensor([5]), torch.tensor([6]), torch.tensor([eos]), torch.tensor([7])])
+    picks = iter([torch.tensor([t], device=device) for t in (5, 6, eos, 7)])
     monkeypatch.setattr("llama.generation.sample_next", lambda logits, t, p, generator: next(picks))
     tokens, _ = generator.generate([[1, 2 + 1, 4]], max_gen_len=10, temperature=0.5)
     assert tokens == [[5, 6]]
@@ -184,6 +184,7 @@ def test_build_rejects_fp16_on_cpu(tiny_dir, tokenizer_path):
         Llama.build(str(tiny_dir / "mha-mp1"), tokenizer_path, 64, 4, device="cpu", dtype="fp16")
 
 
+@pytest.mark.cpu_only("the CPU's default dtype")
 def test_default_dtype_on_cpu_is_bf16(build):
     generator = build("mha", dtype=None)
     assert generator.model.output.weight.dtype == torch.bfloat16
@@ -203,6 +204,7 @@ def test_compiled_decode_matches_eager(build):
     assert torch.allclose(torch.tensor(logprobs_c), torch.tensor(logprobs), atol=1e-5)
 
 
+@pytest.mark.cpu_only("our CPU kernels")
 @pytest.mark.skipif(not cpu.available(), reason="no C++ compiler for the CPU kernels")
 @pytest.mark.parametrize("config,quantize", [("gqa", None), ("mha", "int4")])
 def test_compiled_bf16_step_runs_the_cpu_kernel(build, config, quantize):

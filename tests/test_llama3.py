@@ -230,12 +230,12 @@ LONG_TOKENS = torch.arange(7, 7 + 2 * LONG).remainder(760).view(2, LONG)
 
 
 @pytest.mark.parametrize("config", list(LLAMA3_CONFIGS))
-def test_logits_match_transformers_past_the_original_context(llama3_dir, tok_path, config):
+def test_logits_match_transformers_past_the_original_context(llama3_dir, tok_path, device, config):
     ckpt = str(llama3_dir / f"{config}-mp1")
-    ours = Llama.build(ckpt, None, LONG, 2, device="cpu", dtype="fp32").model
+    ours = Llama.build(ckpt, None, LONG, 2, device=str(device), dtype="fp32").model
     theirs = independent_hf_model(ckpt, tied=config in TIED_CONFIGS)
     with torch.inference_mode():
-        logits = ours.forward(LONG_TOKENS, 0)
+        logits = ours.forward(LONG_TOKENS.to(device), 0).cpu()
         reference = theirs(LONG_TOKENS).logits
         theirs.config.rope_parameters = {"rope_type": "default", "rope_theta": 500000.0}  # the same, unscaled
         unscaled = type(theirs)(theirs.config).eval()
@@ -247,12 +247,13 @@ def test_logits_match_transformers_past_the_original_context(llama3_dir, tok_pat
     assert (plain - reference).abs()[:, 200:256].max() > 1e-2 and (plain - reference).abs()[:, 256:].max() > 1e-2
 
 
-def test_cached_decode_equals_one_forward(llama3_dir):
-    model = Llama.build(str(llama3_dir / "llama3-mp1"), None, LONG, 2, device="cpu", dtype="fp32").model
+def test_cached_decode_equals_one_forward(llama3_dir, device):
+    model = Llama.build(str(llama3_dir / "llama3-mp1"), None, LONG, 2, device=str(device), dtype="fp32").model
+    tokens = LONG_TOKENS.to(device)
     with torch.inference_mode():
-        full = model.forward(LONG_TOKENS, 0)
-        model.forward(LONG_TOKENS[:, :270], 0)
-        steps = [model.forward(LONG_TOKENS[:, p : p + 1], p) for p in range(270, LONG)]
+        full = model.forward(tokens, 0)
+        model.forward(tokens[:, :270], 0)
+        steps = [model.forward(tokens[:, p : p + 1], p) for p in range(270, LONG)]
     assert (torch.cat(steps, dim=1) - full[:, 270:]).abs().max().item() <= 1e-4
 
 
@@ -264,6 +265,7 @@ def test_metas_shards_split_the_embedding_on_the_vocabulary(llama3_dir):
     assert tuple(shard["tok_embeddings.weight"].shape) == (768 // 2, 128)  # VocabParallelEmbedding's, as Meta's
 
 
+@pytest.mark.cpu_only("torchrun with gloo")
 @pytest.mark.parametrize("config", list(LLAMA3_CONFIGS))
 def test_two_shards_in_one_process_and_on_two_match_one(llama3_dir, tok_path, tmp_path, config):
     reference = mp_worker.run(str(llama3_dir / f"{config}-mp1"), tok_path)
@@ -340,8 +342,8 @@ def test_transformers_4_and_5_configs_give_the_same_params(llama3_dir, tmp_path)
 # ---------------------------------------------------------------------------------------------------- generation
 
 
-def test_generation_uses_the_models_stops_and_chat_format(llama3_dir):
-    generator = Llama.build(str(llama3_dir / "llama3-mp1"), None, 64, 2, device="cpu", dtype="fp32")
+def test_generation_uses_the_models_stops_and_chat_format(llama3_dir, device):
+    generator = Llama.build(str(llama3_dir / "llama3-mp1"), None, 64, 2, device=str(device), dtype="fp32")
     tok = generator.tokenizer
     dialog = [{"role": "user", "content": "hello [INST] <<SYS>> <|eot_id|>"}]  # Llama 2's tags are text here
     request = generator._request([encode_dialog(tok, dialog)], 4, 0.0, 1.0, False, (), [5], None)
@@ -361,6 +363,7 @@ def test_quantized_llama3_stays_close(llama3_dir, tok_path):
     assert rel.item() <= 0.03
 
 
+@pytest.mark.cpu_only("runs the chat tool in a subprocess")
 def test_tiny_cli_and_chat(tmp_path):
     tiny_main(str(tmp_path), config="llama3.2")
     ckpt = tmp_path / "llama3.2"

@@ -70,6 +70,27 @@ def test_logits_match_transformers(build, tiny_dir, config):
 
 
 @pytest.mark.parametrize("config", ["mha", "gqa"])
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_half_precision_logits_track_transformers_in_fp32(build, tiny_dir, device, config, dtype):
+    """Rounding to a p-bit significand (eps = 2^(1-p): bf16 2^-7, fp16 2^-10) errs by a relative amount uniform in
+    +-eps/2, RMS eps/(2*sqrt(3)). A logit here comes through ~25 roundings in sequence (the weights; per layer two
+    norms, q/k/v, scores, softmax, attention out, wo, w1/w3, SiLU times w3, w2, two residual adds; the final norm and
+    output); independent errors add in quadrature: relative RMS ~ 5 * eps / 3.5 ~ 1.4 eps (measured in bf16 on the
+    CPU: 1.1 eps). The bound, 4 eps, is ~3x that, and ~100x below what a wrong op (errors of order 1) gives."""
+    if dtype == "fp16" and device.type == "cpu":
+        pytest.skip("the library refuses fp16 on the CPU (test_build_rejects_fp16_on_cpu)")
+    generator = build(config, dtype=dtype)
+    hf = hf_model_from_meta(str(tiny_dir / f"{config}-mp1"), generator.tokenizer.n_words)
+    tokens = torch.randint(0, generator.tokenizer.n_words, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        ours = generator.model.forward(tokens.to(device), 0).float().cpu()
+        theirs = hf(tokens).logits
+    eps = torch.finfo(torch.bfloat16 if dtype == "bf16" else torch.float16).eps
+    rel_rms = ((ours - theirs).pow(2).mean().sqrt() / theirs.pow(2).mean().sqrt()).item()
+    assert rel_rms <= 4 * eps, (rel_rms, eps)
+
+
+@pytest.mark.parametrize("config", ["mha", "gqa"])
 def test_cached_decoding_equals_full_forward(build, config):
     model = build(config).model
     tokens = torch.randint(3, 500, (3, 24), generator=torch.Generator().manual_seed(2)).to(device_of(model))

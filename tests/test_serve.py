@@ -26,6 +26,8 @@ TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--
 KEY = "test-key"
 ALLOWED_ORIGIN = "http://ui.example"
 MAX_SEQ_LEN, MAX_BATCH, MAX_QUEUE = 4096, 4, 28  # 32 requests at once fit: 4 running and 28 waiting
+# the server runs in a subprocess on the CPU; the Scheduler's tests at the end run in this process, on the test device
+SUBPROCESS = pytest.mark.cpu_only("the server runs in a subprocess on the CPU")
 
 
 class Server:
@@ -127,6 +129,7 @@ def sse_events(lines) -> list:
     return [json.loads(d) for d in data[:-1]]
 
 
+@SUBPROCESS
 @pytest.mark.parametrize("prompt, max_tokens, stop", [
     (PROMPTS[0], 12, None), (PROMPTS[2], 20, None), (PROMPTS[1], 30, ["e "]), (PROMPTS[3], 1, None)])
 def test_completions_are_the_librarys(server, reference, prompt, max_tokens, stop):
@@ -153,6 +156,7 @@ def test_completions_are_the_librarys(server, reference, prompt, max_tokens, sto
     assert len({c.id for c in chunks}) == 1
 
 
+@SUBPROCESS
 @pytest.mark.parametrize("dialog", DIALOGS)
 def test_chat_completions_are_the_librarys(server, reference, dialog):
     expected = reference.chat_completion([dialog], temperature=0, max_gen_len=16)[0]
@@ -171,6 +175,7 @@ def test_chat_completions_are_the_librarys(server, reference, dialog):
     assert {c.object for c in chunks} == {"chat.completion.chunk"}
 
 
+@SUBPROCESS
 def test_a_seed_gives_the_librarys_sample_whatever_runs_beside_it(server, reference):
     """Sampling with a seed draws from the request's own generator: alone in the library or among other requests
     on the server, the same text."""
@@ -188,6 +193,7 @@ def test_a_seed_gives_the_librarys_sample_whatever_runs_beside_it(server, refere
     assert results[0]["choices"][0]["text"] == results[-1]["choices"][0]["text"] == expected["generation"]
 
 
+@SUBPROCESS
 def test_logprobs_are_the_librarys(server, reference):
     expected = reference.text_completion([PROMPTS[1]], temperature=0, max_gen_len=8, logprobs=True)[0]
     client = server.client()
@@ -212,6 +218,7 @@ def test_logprobs_are_the_librarys(server, reference):
         chat.choices[0].message.content.lstrip()
 
 
+@SUBPROCESS
 def test_models_health_and_page(server):
     models = server.client().models.list()
     assert [m.id for m in models.data] == ["gqa-mp1"]
@@ -224,6 +231,7 @@ def test_models_health_and_page(server):
     assert httpx.get(server.url + "/static/chat.js").status_code == 200
 
 
+@SUBPROCESS
 def test_only_allowed_origins_may_call_from_a_browser(server):
     """CORS: a page of an allowed origin gets its preflight answered (without the key, which preflights never
     carry); any other origin gets no permission."""
@@ -280,6 +288,7 @@ ERRORS = [
 ]
 
 
+@SUBPROCESS
 @pytest.mark.parametrize("method, path, body, headers, status, param, code", ERRORS)
 def test_errors_have_openais_shape_and_status(server, method, path, body, headers, status, param, code):
     """Every refusal is a JSON error with OpenAI's fields and the right status, before anything is computed."""
@@ -293,6 +302,7 @@ def test_errors_have_openais_shape_and_status(server, method, path, body, header
     assert (error["param"], error["code"]) == (param, code)
 
 
+@SUBPROCESS
 def test_a_body_without_a_length_is_bounded_too(server):
     """A chunked upload (no Content-Length) is cut off at the limit as well."""
     def chunks():
@@ -303,6 +313,7 @@ def test_a_body_without_a_length_is_bounded_too(server):
     assert response.status_code == 413
 
 
+@SUBPROCESS
 def test_a_full_queue_answers_503_and_disconnects_free_rows_and_places(server, reference):
     """With every row busy and the queue full, a request gets a 503 with Retry-After; clients that go away, running
     or waiting, give back their row or place at once."""
@@ -331,6 +342,7 @@ def test_a_full_queue_answers_503_and_disconnects_free_rows_and_places(server, r
     assert server.idle(timeout=10)["running"] == 0 and server.health()["waiting"] == 0
 
 
+@SUBPROCESS
 def test_rows_are_freed_when_clients_disconnect_mid_answer(server, reference):
     # greedy, so the answer is known to run on well past the lines read (a sampled one could end at once)
     assert reference.chat_completion([DIALOGS[0]], temperature=0, max_gen_len=64)[0]["finish_reason"] == "length"
@@ -403,6 +415,7 @@ async def load(server, requests, n_clients: int, n_requests: int, seed: int = 0)
     return counts
 
 
+@SUBPROCESS
 @pytest.mark.parametrize("which, n_requests", [("server", 200), ("torchrun_server", 64)])
 def test_32_clients_get_the_librarys_answers_and_leave_nothing_held(request, reference, which, n_requests):
     """32 concurrent clients, mixed lengths, streamed or not, some dropping out mid-answer: the server stays up,
@@ -415,6 +428,7 @@ def test_32_clients_get_the_librarys_answers_and_leave_nothing_held(request, ref
     assert (health["status"], health["running"], health["waiting"]) == ("ok", 0, 0)
 
 
+@SUBPROCESS
 def test_under_torchrun_the_answers_are_the_one_process_librarys(torchrun_server, reference):
     expected = reference.text_completion([PROMPTS[2]], temperature=0, max_gen_len=20)[0]
     completion = torchrun_server.client().completions.create(model="gqa-mp2", prompt=PROMPTS[2], max_tokens=20,
@@ -426,6 +440,7 @@ def test_under_torchrun_the_answers_are_the_one_process_librarys(torchrun_server
     assert content == reference.chat_completion([DIALOGS[1]], temperature=0, max_gen_len=10)[0]["generation"]["content"]
 
 
+@SUBPROCESS
 def test_ctrl_c_ends_answers_and_exits_cleanly(tiny_dir, tokenizer_path):
     """The key from $LLAMA_API_KEY; Ctrl-C mid-answer: the stream ends with an error event and [DONE], and the server
     exits with status 0 and no traceback."""
@@ -447,6 +462,7 @@ def test_ctrl_c_ends_answers_and_exits_cleanly(tiny_dir, tokenizer_path):
             server.process.kill()
 
 
+@SUBPROCESS
 def test_a_checkpoint_that_cannot_load_stops_the_server_with_its_error(tmp_path, tokenizer_path):
     process = subprocess.run([sys.executable, "-m", "llama.serve", "--ckpt_dir", str(tmp_path), "--tokenizer_path",
                               str(tokenizer_path), "--port", "0"], cwd=ROOT, env=ENV, capture_output=True, text=True,
@@ -523,6 +539,7 @@ def test_a_cancelled_request_frees_its_row_at_the_next_step(scheduled):
     assert scheduled.running == 0 and scheduled.queued == 0
 
 
+@SUBPROCESS
 def test_a_llama3_checkpoint_is_served_in_its_own_chat_format(tmp_path):
     """A tiny Llama 3.2-style checkpoint: the chat endpoint uses the Llama 3 format and stop tokens (its answer is
     chat_completion's), and Llama 2's tags in a message are text, not refused."""
