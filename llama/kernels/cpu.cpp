@@ -2,23 +2,28 @@
 // reads them to declare each entry point and struct to ctypes.
 //
 // - Matmuls y (M, N) = x (M, K) @ W (N, K)^T for a few rows M (the batch of one decode step), with W in bf16, in
-//   int8 with one scale per output row, or in int4 with a scale and a zero per group of a row (see Nibbles; int4
-//   shares the int8 path's int16 activations). Each weight is read from memory once and widened in registers, so
-//   the loop runs at memory bandwidth; oneDNN instead emulates bf16 on CPUs without native bf16 math, and PyTorch's
-//   int8 kernel streams well below bandwidth. With int8 weights (on AVX-512) the activations are rounded to int16,
-//   with one fp32 scale per QBLOCK of each row, and multiplied by the weights as exact integer dot products
-//   (vpdpwssd): a third of the instructions of widening every weight to fp32. The rounding is at most 2^-16 of the
-//   block's largest activation, far below the int8 weights' own (2^-8 of the row's largest weight).
+//   int8 with one scale per output row, or in int4 with a scale and a zero per group of a row (see Nibbles). Each
+//   weight is read from memory once and widened in registers, so the loop runs at memory bandwidth; oneDNN instead
+//   emulates bf16 on CPUs without native bf16 math, and PyTorch's int8 kernel streams well below bandwidth. For int8
+//   and int4 weights the activations are rounded to int16, with one fp32 scale per QBLOCK of each row, and multiplied
+//   by the weights as exact integer dot products of pairs (vpmaddwd, vpdpwssd, smlal): half the instructions of
+//   widening every weight to fp32. The rounding is at most 2^-16 of the block's largest activation, far below the int8
+//   weights' own (2^-8 of the row's largest weight). (int8 activations, as llama.cpp's q8_0 takes them, would cost
+//   about as many instructions per weight on AVX2 (vpmaddubsw needs its operands' signs moved first) for 128 times
+//   the rounding.)
 // - RMSNorm and a decode step's attention, which PyTorch spreads over a dozen ops whose dispatch costs more than the
-//   arithmetic. Attention runs the query heads that share a KV head together, so each reads the cache once; on
-//   AVX-512 it scores 16 positions per pass and takes exp in vectors. Every sequence has its own position and its
-//   own row of the caches.
+//   arithmetic. Attention runs the query heads that share a KV head together, so each reads the cache once; it
+//   scores a vector's width of positions per pass and takes exp in vectors. Every sequence has its own position and
+//   its own row of the caches.
 // - A whole decode step through all Transformer blocks in one call, on one process (the CPU decode engine): the
 //   Python around each of these ops costs as much as the ops themselves for small models.
 //
-// Activations are bf16 or fp32 (`act_bf16`; every activation, norm weight and int8 or int4 scale of a call has that
-// dtype); all sums are fp32 (or exact int32 within a QBLOCK or an int4 group). Entry points that can fail return
-// an error message, or null.
+// The kernels are written once over a few vector primitives (F: LANES floats; I16 and I32: 2 LANES int16 and LANES
+// int32), defined below for each instruction set: AVX-512, AVX2 with FMA, ARM NEON, and portable loops for anything
+// else, chosen by the flags the library is compiled with. Every build computes the same products; only the order of
+// fp32 sums differs. Activations are bf16 or fp32 (`act_bf16`; every activation, norm weight and int8 or int4 scale
+// of a call has that dtype); all sums are fp32 (or exact int32 within a QBLOCK or an int4 group). Entry points that
+// can fail return an error message, or null.
 
 #include <algorithm>
 #include <cmath>
@@ -34,12 +39,18 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #define LLAMA_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define LLAMA_AVX2 1
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+#include <arm_neon.h>
+#define LLAMA_NEON 1
 #endif
 
 namespace {
 
 constexpr long MAX_ROWS = 8;
-constexpr long QBLOCK = 256;  // activations per int16 scale: each int32 lane sums 16 products, far from overflow
+constexpr long QBLOCK = 256;  // activations per int16 scale: each int32 lane sums at most 64 products, far from overflow
 
 inline float bf16_to_float(uint16_t v) {
     uint32_t bits = uint32_t(v) << 16;
@@ -55,6 +66,11 @@ inline uint16_t float_to_bf16(float f) {  // round to nearest even, as PyTorch d
     bits += 0x7fff + ((bits >> 16) & 1);
     return uint16_t(bits >> 16);
 }
+
+inline float to_float(uint16_t v) { return bf16_to_float(v); }
+inline float to_float(float v) { return v; }
+inline void assign(uint16_t& to, float v) { to = float_to_bf16(v); }
+inline void assign(float& to, float v) { to = v; }
 
 inline float load_act(const void* p, bool act_bf16, long i) {
     return act_bf16 ? bf16_to_float(static_cast<const uint16_t*>(p)[i]) : static_cast<const float*>(p)[i];
@@ -75,19 +91,316 @@ inline long max_threads() {
 #endif
 }
 
-inline float widen(uint16_t w) { return bf16_to_float(w); }
-inline float widen(int8_t w) { return float(w); }
+// ---- Vector primitives, one set per instruction set ----------------------------------------------------------------
+// ISA (its name), LANES (floats per vector F), REGISTERS (vector registers, which size the matmuls' blocks);
+// F: zeros, splat, load from float* or from bf16 (uint16_t*, widened), store to float* or to bf16 (rounded to nearest
+// even, NaN kept), add, sub, mul, mul_add (a b + c), maximum, magnitude, sum_of and max_of (over the lanes),
+// round_even, times_pow2 (p 2^n for integral n <= 0; 0 where that is below 2^-126), sum_lanes (lane j = the sum of
+// v[j]'s lanes, for LANES vectors v).
+// I16 (2 LANES int16) and I32 (LANES int32): int_zeros, load from int16_t*, load from int8_t* (2 LANES widened),
+// load_nibbles (2 LANES bytes: low and high nibbles as int16), dot_pairs (acc + products of x and w, summed into
+// int32 lanes two or four at a time: only the sum over all lanes is used), in_lane0, int_sub, to_float,
+// store_rounded (LANES floats to int16, to nearest even).
+
+#if defined(LLAMA_AVX512)
+constexpr const char* ISA = "avx512";
+constexpr long LANES = 16, REGISTERS = 32;
+using F = __m512;
+using I16 = __m512i;
+using I32 = __m512i;
+
+inline F zeros() { return _mm512_setzero_ps(); }
+inline F splat(float v) { return _mm512_set1_ps(v); }
+inline F load(const float* p) { return _mm512_loadu_ps(p); }
+inline F load(const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+inline void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+inline void store(uint16_t* p, F v) {
+    __m512i bits = _mm512_castps_si512(v);
+    bits = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                                   _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1))));
+    bits = _mm512_mask_mov_epi32(_mm512_srli_epi32(bits, 16), _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+    _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(bits));
+}
+inline F add(F a, F b) { return _mm512_add_ps(a, b); }
+inline F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+inline F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+inline F mul_add(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+inline F maximum(F a, F b) { return _mm512_max_ps(a, b); }
+inline F magnitude(F v) { return _mm512_abs_ps(v); }
+inline float sum_of(F v) { return _mm512_reduce_add_ps(v); }
+inline float max_of(F v) { return _mm512_reduce_max_ps(v); }
+inline F round_even(F v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT); }
+inline F times_pow2(F p, F n) { return _mm512_scalef_ps(p, n); }
+
+// Halves of pairs of vectors are added until each 128-bit lane holds four sums: 46 instructions where 16 separate
+// reductions take ~130.
+inline F sum_lanes(const F v[16]) {
+    __m512 halves[8], quarters[4], eighths[2];
+    for (int i = 0; i < 8; i++)  // 128-bit lanes 0, 1: v[i]'s two halves added; 2, 3: v[i + 8]'s
+        halves[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[i], v[i + 8], 0x44), _mm512_shuffle_f32x4(v[i], v[i + 8], 0xEE));
+    for (int i = 0; i < 4; i++)  // lanes: v[i], v[i + 8], v[i + 4], v[i + 12], four floats each
+        quarters[i] = _mm512_add_ps(_mm512_shuffle_f32x4(halves[i], halves[i + 4], 0x88),
+                                    _mm512_shuffle_f32x4(halves[i], halves[i + 4], 0xDD));
+    for (int i = 0; i < 2; i++)  // within lanes: floats 0 and 2 from quarters[i], 1 and 3 from quarters[i + 2]
+        eighths[i] = _mm512_add_ps(_mm512_unpacklo_ps(quarters[i], quarters[i + 2]),
+                                   _mm512_unpackhi_ps(quarters[i], quarters[i + 2]));
+    const __m512 sums = _mm512_add_ps(_mm512_shuffle_ps(eighths[0], eighths[1], 0x44),
+                                      _mm512_shuffle_ps(eighths[0], eighths[1], 0xEE));
+    // lane by lane, sums holds v[0], v[2], v[1], v[3], then v[8], v[10], v[9], v[11], v[4] .. and v[12] ..
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15), sums);
+}
+
+inline I32 int_zeros() { return _mm512_setzero_si512(); }
+inline I16 load(const int16_t* p) { return _mm512_loadu_si512(p); }
+inline I16 load(const int8_t* p) { return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)p)); }
+inline void load_nibbles(const uint8_t* p, I16& low, I16& high) {
+    const __m512i pairs = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)p));
+    low = _mm512_and_si512(pairs, _mm512_set1_epi16(15));
+    high = _mm512_srli_epi16(pairs, 4);
+}
+inline I32 dot_pairs(I32 acc, I16 x, I16 w) {
+#ifdef __AVX512VNNI__
+    return _mm512_dpwssd_epi32(acc, x, w);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(x, w));
+#endif
+}
+inline I32 in_lane0(int32_t v) { return _mm512_maskz_set1_epi32(1, v); }
+inline I32 int_sub(I32 a, I32 b) { return _mm512_sub_epi32(a, b); }
+inline F to_float(I32 v) { return _mm512_cvtepi32_ps(v); }
+inline void store_rounded(int16_t* q, F v) {
+    _mm256_storeu_si256((__m256i*)q, _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(v)));
+}
+
+#elif defined(LLAMA_AVX2)
+constexpr const char* ISA = "avx2";
+constexpr long LANES = 8, REGISTERS = 16;
+using F = __m256;
+using I16 = __m256i;
+using I32 = __m256i;
+
+inline __m128i low_half(__m256i v) { return _mm256_castsi256_si128(v); }
+inline __m128i high_half(__m256i v) { return _mm256_extracti128_si256(v, 1); }
+
+inline F zeros() { return _mm256_setzero_ps(); }
+inline F splat(float v) { return _mm256_set1_ps(v); }
+inline F load(const float* p) { return _mm256_loadu_ps(p); }
+inline F load(const uint16_t* p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+inline void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+inline void store(uint16_t* p, F v) {
+    __m256i bits = _mm256_castps_si256(v);
+    bits = _mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7fff),
+                                                   _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1))));
+    bits = _mm256_blendv_epi8(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(0x7fc0),
+                              _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+    _mm_storeu_si128((__m128i*)p, _mm_packus_epi32(low_half(bits), high_half(bits)));
+}
+inline F add(F a, F b) { return _mm256_add_ps(a, b); }
+inline F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+inline F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+inline F mul_add(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+inline F maximum(F a, F b) { return _mm256_max_ps(a, b); }
+inline F magnitude(F v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v); }
+inline float sum_of(F v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+inline float max_of(F v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+inline F round_even(F v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline F times_pow2(F p, F n) {  // 2^n built in the exponent bits; n = -127 gives the bits of 0
+    const __m256i e = _mm256_max_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(-127));
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23)));
+}
+inline F sum_lanes(const F v[8]) {  // horizontal adds of pairs, then the two 128-bit halves
+    const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+    const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+
+inline I32 int_zeros() { return _mm256_setzero_si256(); }
+inline I16 load(const int16_t* p) { return _mm256_loadu_si256((const __m256i*)p); }
+inline I16 load(const int8_t* p) { return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)p)); }
+inline void load_nibbles(const uint8_t* p, I16& low, I16& high) {
+    const __m256i pairs = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)p));
+    low = _mm256_and_si256(pairs, _mm256_set1_epi16(15));
+    high = _mm256_srli_epi16(pairs, 4);
+}
+inline I32 dot_pairs(I32 acc, I16 x, I16 w) {
+#ifdef __AVXVNNI__
+    return _mm256_dpwssd_avx_epi32(acc, x, w);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(x, w));
+#endif
+}
+inline I32 in_lane0(int32_t v) { return _mm256_setr_epi32(v, 0, 0, 0, 0, 0, 0, 0); }
+inline I32 int_sub(I32 a, I32 b) { return _mm256_sub_epi32(a, b); }
+inline F to_float(I32 v) { return _mm256_cvtepi32_ps(v); }
+inline void store_rounded(int16_t* q, F v) {
+    const __m256i rounded = _mm256_cvtps_epi32(v);
+    _mm_storeu_si128((__m128i*)q, _mm_packs_epi32(low_half(rounded), high_half(rounded)));
+}
+
+#elif defined(LLAMA_NEON)
+constexpr const char* ISA = "neon";
+constexpr long LANES = 4, REGISTERS = 32;
+using F = float32x4_t;
+using I16 = int16x8_t;
+using I32 = int32x4_t;
+
+inline F zeros() { return vdupq_n_f32(0.0f); }
+inline F splat(float v) { return vdupq_n_f32(v); }
+inline F load(const float* p) { return vld1q_f32(p); }
+inline F load(const uint16_t* p) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16)); }
+inline void store(float* p, F v) { vst1q_f32(p, v); }
+inline void store(uint16_t* p, F v) {
+    uint32x4_t bits = vreinterpretq_u32_f32(v);
+    bits = vaddq_u32(bits, vaddq_u32(vdupq_n_u32(0x7fff), vandq_u32(vshrq_n_u32(bits, 16), vdupq_n_u32(1))));
+    bits = vbslq_u32(vceqq_f32(v, v), vshrq_n_u32(bits, 16), vdupq_n_u32(0x7fc0));  // v == v: not NaN
+    vst1_u16(p, vmovn_u32(bits));
+}
+inline F add(F a, F b) { return vaddq_f32(a, b); }
+inline F sub(F a, F b) { return vsubq_f32(a, b); }
+inline F mul(F a, F b) { return vmulq_f32(a, b); }
+inline F mul_add(F a, F b, F c) { return vfmaq_f32(c, a, b); }
+inline F maximum(F a, F b) { return vmaxq_f32(a, b); }
+inline F magnitude(F v) { return vabsq_f32(v); }
+inline float sum_of(F v) { return vaddvq_f32(v); }
+inline float max_of(F v) { return vmaxvq_f32(v); }
+inline F round_even(F v) { return vrndnq_f32(v); }
+inline F times_pow2(F p, F n) {  // 2^n built in the exponent bits; n = -127 gives the bits of 0
+    const int32x4_t e = vmaxq_s32(vcvtq_s32_f32(n), vdupq_n_s32(-127));
+    return vmulq_f32(p, vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(e, vdupq_n_s32(127)), 23)));
+}
+inline F sum_lanes(const F v[4]) { return vpaddq_f32(vpaddq_f32(v[0], v[1]), vpaddq_f32(v[2], v[3])); }
+
+inline I32 int_zeros() { return vdupq_n_s32(0); }
+inline I16 load(const int16_t* p) { return vld1q_s16(p); }
+inline I16 load(const int8_t* p) { return vmovl_s8(vld1_s8(p)); }
+inline void load_nibbles(const uint8_t* p, I16& low, I16& high) {
+    const uint8x8_t pairs = vld1_u8(p);
+    low = vreinterpretq_s16_u16(vmovl_u8(vand_u8(pairs, vdup_n_u8(15))));
+    high = vreinterpretq_s16_u16(vmovl_u8(vshr_n_u8(pairs, 4)));
+}
+inline I32 dot_pairs(I32 acc, I16 x, I16 w) {
+    return vmlal_high_s16(vmlal_s16(acc, vget_low_s16(x), vget_low_s16(w)), x, w);
+}
+inline I32 in_lane0(int32_t v) { return vsetq_lane_s32(v, vdupq_n_s32(0), 0); }
+inline I32 int_sub(I32 a, I32 b) { return vsubq_s32(a, b); }
+inline F to_float(I32 v) { return vcvtq_f32_s32(v); }
+inline void store_rounded(int16_t* q, F v) { vst1_s16(q, vqmovn_s32(vcvtnq_s32_f32(v))); }
+
+#else
+// Portable loops over GCC/Clang vector types, which the compiler maps to whatever vector unit -march names.
+constexpr const char* ISA = "portable";
+constexpr long LANES = 8, REGISTERS = 16;
+typedef float F __attribute__((vector_size(32)));
+typedef int16_t I16 __attribute__((vector_size(32)));
+typedef int32_t I32 __attribute__((vector_size(32)));
+
+inline F zeros() { return F{}; }
+inline F splat(float v) {
+    F s;
+    for (int i = 0; i < 8; i++) s[i] = v;
+    return s;
+}
+inline F load(const float* p) {
+    F v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+inline F load(const uint16_t* p) {
+    F v;
+    for (int i = 0; i < 8; i++) v[i] = bf16_to_float(p[i]);
+    return v;
+}
+inline void store(float* p, F v) { std::memcpy(p, &v, sizeof v); }
+inline void store(uint16_t* p, F v) {
+    for (int i = 0; i < 8; i++) p[i] = float_to_bf16(v[i]);
+}
+inline F add(F a, F b) { return a + b; }
+inline F sub(F a, F b) { return a - b; }
+inline F mul(F a, F b) { return a * b; }
+inline F mul_add(F a, F b, F c) { return a * b + c; }
+inline F maximum(F a, F b) {
+    for (int i = 0; i < 8; i++) a[i] = std::max(a[i], b[i]);
+    return a;
+}
+inline F magnitude(F v) {
+    for (int i = 0; i < 8; i++) v[i] = std::fabs(v[i]);
+    return v;
+}
+inline float sum_of(F v) {
+    float s = 0;
+    for (int i = 0; i < 8; i++) s += v[i];
+    return s;
+}
+inline float max_of(F v) {
+    float s = v[0];
+    for (int i = 1; i < 8; i++) s = std::max(s, v[i]);
+    return s;
+}
+inline F round_even(F v) {
+    for (int i = 0; i < 8; i++) v[i] = std::nearbyint(v[i]);
+    return v;
+}
+inline F times_pow2(F p, F n) {
+    for (int i = 0; i < 8; i++) p[i] = n[i] < -126 ? 0.0f : std::ldexp(p[i], int(n[i]));
+    return p;
+}
+inline F sum_lanes(const F v[8]) {
+    F sums;
+    for (int j = 0; j < 8; j++) sums[j] = sum_of(v[j]);
+    return sums;
+}
+
+inline I32 int_zeros() { return I32{}; }
+inline I16 load(const int16_t* p) {
+    I16 v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+inline I16 load(const int8_t* p) {
+    I16 v;
+    for (int i = 0; i < 16; i++) v[i] = p[i];
+    return v;
+}
+inline void load_nibbles(const uint8_t* p, I16& low, I16& high) {
+    for (int i = 0; i < 16; i++) low[i] = p[i] & 15, high[i] = p[i] >> 4;
+}
+inline I32 dot_pairs(I32 acc, I16 x, I16 w) {
+    for (int i = 0; i < 8; i++) acc[i] += int32_t(x[2 * i]) * w[2 * i] + int32_t(x[2 * i + 1]) * w[2 * i + 1];
+    return acc;
+}
+inline I32 in_lane0(int32_t v) { return I32{v}; }
+inline I32 int_sub(I32 a, I32 b) { return a - b; }
+inline F to_float(I32 v) { return __builtin_convertvector(v, F); }
+inline void store_rounded(int16_t* q, F v) {
+    for (int i = 0; i < 8; i++) q[i] = int16_t(std::nearbyint(v[i]));
+}
+#endif
+
+// ---- Matmuls ------------------------------------------------------------------------------------------------------
 
 // int4 weights: each row's K codes (0..15) two to a byte, in runs of 64 codes stored in 32 bytes, byte i holding
-// code i of the run in its low nibble and code 32 + i in its high nibble (so that one 32-byte load widens to two
-// vectors of consecutive codes). Each `group` of a row has a scale and a zero: weight = (code - 8) * scale + zero.
+// code i of the run in its low nibble and code 32 + i in its high nibble (so that a load of consecutive bytes widens
+// to two vectors of consecutive codes). Each `group` of a row has a scale and a zero: weight = (code - 8) * scale +
+// zero.
 struct Nibbles {
     uint8_t pair;
 };
 
-// A matmul's activations, converted once per call: fp32, and for int8 and int4 weights on AVX-512 also int16 with
-// one scale per QBLOCK elements of each row (x[m, k] ~= q[m, k] * scale[m, k / QBLOCK]); for int4 weights, the sums
-// of each `group` of a row's elements (of x, and of q where there is q).
+// A matmul's activations, converted once per call: fp32, and for int8 and int4 weights also int16 with one scale per
+// QBLOCK elements of each row (x[m, k] ~= q[m, k] * scale[m, k / QBLOCK]); for int4 weights, the sums of each `group`
+// of a row's elements, of x and of q.
 struct Activations {
     std::vector<float> x;
     std::vector<int16_t> q;
@@ -98,11 +411,17 @@ struct Activations {
     std::vector<int32_t> q_sums;
 };
 
-#ifdef LLAMA_AVX512
-constexpr bool INT16_ACTIVATIONS = true;
+// Columns per step of each weight type's loop, the same in every build (a multiple of 2 LANES), so that every build
+// rounds the same columns: the K % vector_width tail is computed in fp32 from x itself.
+template <typename T>
+constexpr long vector_width() {
+    return std::is_same<T, Nibbles>::value ? 64 : std::is_same<T, int8_t>::value ? 32 : 16;
+}
 
-inline __m512 load16(const uint16_t* p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+// Whether the weights meet int16 activations (int8 and int4) or fp32 ones (bf16).
+template <typename T>
+constexpr bool int16_activations() {
+    return !std::is_same<T, uint16_t>::value;
 }
 
 // The next block's rows, one line each time this block's rows cross a line: short rows (K < ~2048) end before the
@@ -110,35 +429,27 @@ inline __m512 load16(const uint16_t* p) {
 template <long R, typename T>
 inline void prefetch_next(const T* w, long K, long k, long n0) {
     if (k % (64 / long(sizeof(T))) == 0)
-        for (long r = 0; r < R; r++) _mm_prefetch((const char*)(w + (n0 + R + r) * K + k), _MM_HINT_T0);
+        for (long r = 0; r < R; r++) __builtin_prefetch(w + (n0 + R + r) * K + k, 0, 3);
 }
 
 // Dot products of M rows of x with R consecutive bf16 rows of W, n0.., over k in [0, k_end), k_end a multiple of 16.
 template <long M, long R>
 inline void dot_block(const Activations& a, const uint16_t* w, const void*, bool, long K, long k_end, long n0,
                       float out[M][R]) {
-    __m512 acc[M][R];
+    F acc[M][R];
     for (long m = 0; m < M; m++)
-        for (long r = 0; r < R; r++) acc[m][r] = _mm512_setzero_ps();
-    for (long k = 0; k < k_end; k += 16) {
+        for (long r = 0; r < R; r++) acc[m][r] = zeros();
+    for (long k = 0; k < k_end; k += LANES) {
         prefetch_next<R>(w, K, k, n0);
-        __m512 wv[R];
-        for (long r = 0; r < R; r++) wv[r] = load16(w + (n0 + r) * K + k);
+        F wv[R];
+        for (long r = 0; r < R; r++) wv[r] = load(w + (n0 + r) * K + k);
         for (long m = 0; m < M; m++) {
-            __m512 xv = _mm512_loadu_ps(a.x.data() + m * K + k);
-            for (long r = 0; r < R; r++) acc[m][r] = _mm512_fmadd_ps(xv, wv[r], acc[m][r]);
+            const F xv = load(a.x.data() + m * K + k);
+            for (long r = 0; r < R; r++) acc[m][r] = mul_add(xv, wv[r], acc[m][r]);
         }
     }
     for (long m = 0; m < M; m++)
-        for (long r = 0; r < R; r++) out[m][r] = _mm512_reduce_add_ps(acc[m][r]);
-}
-
-inline __m512i dot_pairs(__m512i acc, __m512i x, __m512i w) {  // acc + x[2i] w[2i] + x[2i+1] w[2i+1], in int32
-#ifdef __AVX512VNNI__
-    return _mm512_dpwssd_epi32(acc, x, w);
-#else
-    return _mm512_add_epi32(acc, _mm512_madd_epi16(x, w));
-#endif
+        for (long r = 0; r < R; r++) out[m][r] = sum_of(acc[m][r]);
 }
 
 // The same for int8 rows against the int16 activations, k_end a multiple of 32: exact int32 sums per QBLOCK, then
@@ -146,77 +457,73 @@ inline __m512i dot_pairs(__m512i acc, __m512i x, __m512i w) {  // acc + x[2i] w[
 template <long M, long R>
 inline void dot_block(const Activations& a, const int8_t* w, const void*, bool, long K, long k_end, long n0,
                       float out[M][R]) {
-    __m512 acc[M][R];
+    F acc[M][R];
     for (long m = 0; m < M; m++)
-        for (long r = 0; r < R; r++) acc[m][r] = _mm512_setzero_ps();
+        for (long r = 0; r < R; r++) acc[m][r] = zeros();
     for (long k0 = 0; k0 < k_end; k0 += QBLOCK) {
-        __m512i dots[M][R];
+        I32 dots[M][R];
         for (long m = 0; m < M; m++)
-            for (long r = 0; r < R; r++) dots[m][r] = _mm512_setzero_si512();
-        for (long k = k0; k < std::min(k0 + QBLOCK, k_end); k += 32) {
+            for (long r = 0; r < R; r++) dots[m][r] = int_zeros();
+        for (long k = k0; k < std::min(k0 + QBLOCK, k_end); k += 2 * LANES) {
             prefetch_next<R>(w, K, k, n0);
-            __m512i wv[R];
-            for (long r = 0; r < R; r++)
-                wv[r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w + (n0 + r) * K + k)));
+            I16 wv[R];
+            for (long r = 0; r < R; r++) wv[r] = load(w + (n0 + r) * K + k);
             for (long m = 0; m < M; m++) {
-                __m512i xv = _mm512_loadu_si512(a.q.data() + m * K + k);
+                const I16 xv = load(a.q.data() + m * K + k);
                 for (long r = 0; r < R; r++) dots[m][r] = dot_pairs(dots[m][r], xv, wv[r]);
             }
         }
         for (long m = 0; m < M; m++) {
-            const __m512 scale = _mm512_set1_ps(a.scale[m * a.blocks + k0 / QBLOCK]);
-            for (long r = 0; r < R; r++) acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[m][r]), scale, acc[m][r]);
+            const F scale = splat(a.scale[m * a.blocks + k0 / QBLOCK]);
+            for (long r = 0; r < R; r++) acc[m][r] = mul_add(to_float(dots[m][r]), scale, acc[m][r]);
         }
     }
     for (long m = 0; m < M; m++)
-        for (long r = 0; r < R; r++) out[m][r] = _mm512_reduce_add_ps(acc[m][r]);
+        for (long r = 0; r < R; r++) out[m][r] = sum_of(acc[m][r]);
 }
 
 // The same for int4 rows (K a multiple of 64 and of the group, the group of QBLOCK): exact int32 sums per group of
-// q (code - 8), as q code less 8 q, each scaled by its scale and the activations', plus the zeros' share.
+// q (code - 8), as q code less 8 q, each scaled by its scale and the activations', plus the zeros' share (zero times
+// x's group sum; centering the codes keeps the two from cancelling).
 template <long M, long R>
 inline void dot_block(const Activations& a, const Nibbles* w, const void* scales_zeros, bool act_bf16, long K, long,
                       long n0, float out[M][R]) {
     const long groups = K / a.group;
-    __m512 acc[M][R];
-    float zeros[M][R] = {};
+    const uint8_t* bytes = reinterpret_cast<const uint8_t*>(w);
+    F acc[M][R];
+    float zeros_share[M][R] = {};
     for (long m = 0; m < M; m++)
-        for (long r = 0; r < R; r++) acc[m][r] = _mm512_setzero_ps();
+        for (long r = 0; r < R; r++) acc[m][r] = zeros();
     for (long g = 0; g < groups; g++) {
-        __m512i dots[M][R];
+        I32 dots[M][R];
         for (long m = 0; m < M; m++)
-            for (long r = 0; r < R; r++) dots[m][r] = _mm512_setzero_si512();
+            for (long r = 0; r < R; r++) dots[m][r] = int_zeros();
         for (long k = g * a.group; k < (g + 1) * a.group; k += 64) {
-            prefetch_next<R>(w, K / 2, k / 2, n0);
-            for (long r = 0; r < R; r++) {
-                const __m512i pairs = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(w + (n0 + r) * K / 2 + k / 2)));
-                const __m512i low = _mm512_and_si512(pairs, _mm512_set1_epi16(15)), high = _mm512_srli_epi16(pairs, 4);
-                for (long m = 0; m < M; m++) {
-                    const int16_t* x = a.q.data() + m * K + k;
-                    dots[m][r] = dot_pairs(dot_pairs(dots[m][r], _mm512_loadu_si512(x), low), _mm512_loadu_si512(x + 32), high);
+            prefetch_next<R>(bytes, K / 2, k / 2, n0);
+            for (long r = 0; r < R; r++)
+                for (long j = 0; j < 32; j += 2 * LANES) {  // codes k + j.. in the low nibbles, k + 32 + j.. in the high
+                    I16 low, high;
+                    load_nibbles(bytes + (n0 + r) * K / 2 + k / 2 + j, low, high);
+                    for (long m = 0; m < M; m++) {
+                        const int16_t* x = a.q.data() + m * K + k + j;
+                        dots[m][r] = dot_pairs(dot_pairs(dots[m][r], load(x), low), load(x + 32), high);
+                    }
                 }
-            }
         }
         for (long r = 0; r < R; r++) {  // the scaled dot in vector lanes, the zeros' share in a scalar
             const long at = 2 * ((n0 + r) * groups + g);
             const float scale = load_act(scales_zeros, act_bf16, at), zero = load_act(scales_zeros, act_bf16, at + 1);
             for (long m = 0; m < M; m++) {
                 const long mg = m * groups + g;
-                const __m512i eight_q = _mm512_maskz_set1_epi32(1, 8 * a.q_sums[mg]);  // in lane 0
                 const float x_scale = a.scale[m * a.blocks + g * a.group / QBLOCK];
-                acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(dots[m][r], eight_q)),
-                                            _mm512_set1_ps(scale * x_scale), acc[m][r]);
-                zeros[m][r] += zero * a.sums[mg];
+                acc[m][r] = mul_add(to_float(int_sub(dots[m][r], in_lane0(8 * a.q_sums[mg]))), splat(scale * x_scale),
+                                    acc[m][r]);
+                zeros_share[m][r] += zero * a.sums[mg];
             }
         }
     }
     for (long m = 0; m < M; m++)
-        for (long r = 0; r < R; r++) out[m][r] = _mm512_reduce_add_ps(acc[m][r]) + zeros[m][r];
-}
-
-template <typename T>
-constexpr long vector_width() {
-    return std::is_same<T, Nibbles>::value ? 64 : std::is_same<T, int8_t>::value ? 32 : 16;
+        for (long r = 0; r < R; r++) out[m][r] = sum_of(acc[m][r]) + zeros_share[m][r];
 }
 
 // a.q and a.scale from a.x (M, K) over its first k_end columns (a multiple of 32), as Activations describes.
@@ -229,70 +536,17 @@ inline void round_to_int16(Activations& a, long M, long K, long k_end) {
             const float* x = a.x.data() + m * K + b * QBLOCK;
             int16_t* q = a.q.data() + m * K + b * QBLOCK;
             const long len = std::min(QBLOCK, k_end - b * QBLOCK);
-            __m512 most = _mm512_setzero_ps();
-            for (long k = 0; k < len; k += 16) most = _mm512_max_ps(most, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
-            const float largest = _mm512_reduce_max_ps(most);
+            F most = zeros();
+            for (long k = 0; k < len; k += LANES) most = maximum(most, magnitude(load(x + k)));
+            const float largest = max_of(most);
             a.scale[m * a.blocks + b] = largest / 32767.0f;
-            const __m512 inverse = _mm512_set1_ps(largest > 0 ? 32767.0f / largest : 0.0f);
-            for (long k = 0; k < len; k += 16)  // to nearest, ties to even
-                _mm256_storeu_si256((__m256i*)(q + k),
-                                    _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k), inverse))));
-        }
-}
-#else
-constexpr bool INT16_ACTIVATIONS = false;
-
-// Portable fallback: the compiler vectorizes the inner loop for whatever -march it was given.
-template <long M, long R, typename T>
-inline void dot_block(const Activations& a, const T* w, const void*, bool, long K, long k_end, long n0,
-                      float out[M][R]) {
-    for (long m = 0; m < M; m++)
-        for (long r = 0; r < R; r++) {
-            const T* row = w + (n0 + r) * K;
-            const float* xm = a.x.data() + m * K;
-            float sum = 0;
-#pragma omp simd reduction(+ : sum)
-            for (long k = 0; k < k_end; k++) sum += xm[k] * widen(row[k]);
-            out[m][r] = sum;
+            const F inverse = splat(largest > 0 ? 32767.0f / largest : 0.0f);
+            for (long k = 0; k < len; k += LANES) store_rounded(q + k, mul(load(x + k), inverse));
         }
 }
 
-inline float centered_int4(const Nibbles* row, long k) {  // code k of a row, minus 8
-    const uint8_t pair = row[k / 64 * 32 + k % 32].pair;
-    return float(k % 64 < 32 ? pair & 15 : pair >> 4) - 8;
-}
-
-// int4 rows: each group's sum of x times the centered codes (code - 8), scaled, plus the zeros' share (zero times x's
-// group sum); centering keeps the two from cancelling.
-template <long M, long R>
-inline void dot_block(const Activations& a, const Nibbles* w, const void* scales_zeros, bool act_bf16, long K, long,
-                      long n0, float out[M][R]) {
-    const long groups = K / a.group;
-    for (long m = 0; m < M; m++)
-        for (long r = 0; r < R; r++) {
-            const Nibbles* row = w + (n0 + r) * K / 2;
-            float sum = 0;
-            for (long g = 0; g < groups; g++) {
-                float dot = 0;
-                for (long k = g * a.group; k < (g + 1) * a.group; k++) dot += a.x[m * K + k] * centered_int4(row, k);
-                const long at = 2 * ((n0 + r) * groups + g);
-                sum += dot * load_act(scales_zeros, act_bf16, at) + load_act(scales_zeros, act_bf16, at + 1) * a.sums[m * groups + g];
-            }
-            out[m][r] = sum;
-        }
-}
-
-template <typename T>
-constexpr long vector_width() { return 1; }
-
-inline void round_to_int16(Activations&, long, long, long) {}  // portable builds keep fp32 activations
-#endif
-
-// Whether int8 and int4 weights meet int16 activations (else every weight is widened to fp32).
-template <typename T>
-constexpr bool int16_activations() {
-    return INT16_ACTIVATIONS && (std::is_same<T, int8_t>::value || std::is_same<T, Nibbles>::value);
-}
+inline float widen(uint16_t w) { return bf16_to_float(w); }
+inline float widen(int8_t w) { return float(w); }
 
 // Rows n0..n0+R of y: the vector part of each dot product, the K % vector_width tail (in fp32), the scale, the store.
 // (int4 rows have no tail, and their scales are applied group by group.)
@@ -314,12 +568,16 @@ inline void rows(const Activations& a, const T* w, const void* scales, void* y, 
         }
 }
 
-// Output rows per block: enough to give the hardware prefetcher R streams, few enough that the M * R accumulators
-// (twice that with int16 activations) fit in the 32 vector registers.
+// Output rows per block: enough to give the hardware prefetcher R streams, few enough that the M R accumulators
+// (twice that with int16 activations) and the R weight vectors fit in the vector registers.
 template <long M, typename T>
 constexpr long block_rows() {
-    if (int16_activations<T>()) return M == 1 ? 8 : M <= 3 ? 4 : M <= 6 ? 2 : 1;
-    return M == 1 ? 8 : M <= 4 ? 4 : 2;
+    if (REGISTERS >= 32) {
+        if (int16_activations<T>()) return M == 1 ? 8 : M <= 3 ? 4 : M <= 6 ? 2 : 1;
+        return M == 1 ? 8 : M <= 4 ? 4 : 2;
+    }
+    if (int16_activations<T>()) return M == 1 ? 4 : M <= 3 ? 2 : 1;
+    return M == 1 ? 8 : M <= 2 ? 4 : M <= 5 ? 2 : 1;
 }
 
 // Blocks of rows are shared out among the OpenMP threads (PyTorch's own pool: same libgomp).
@@ -345,12 +603,9 @@ void convert_activations(const void* x, bool act_bf16, long M, long K, long grou
     if (std::is_same<T, Nibbles>::value) {
         a.group = group;
         a.sums.assign(M * K / group, 0.0f);
-        a.q_sums.assign(int16_activations<T>() ? M * K / group : 0, 0);
-        for (long g = 0; g < M * K / group; g++) {  // rows are whole groups
-            for (long k = g * group; k < (g + 1) * group; k++) a.sums[g] += a.x[k];
-            if (int16_activations<T>())
-                for (long k = g * group; k < (g + 1) * group; k++) a.q_sums[g] += a.q[k];
-        }
+        a.q_sums.assign(M * K / group, 0);
+        for (long g = 0; g < M * K / group; g++)  // rows are whole groups
+            for (long k = g * group; k < (g + 1) * group; k++) a.sums[g] += a.x[k], a.q_sums[g] += a.q[k];
     }
 }
 
@@ -382,114 +637,107 @@ void linear(const void* x, const void* w, const void* scales, long int4_group, v
     return matmul(x, static_cast<const Nibbles*>(w), scales, y, act_bf16, M, N, K, int4_group);
 }
 
-inline float to_float(uint16_t v) { return bf16_to_float(v); }
-inline float to_float(float v) { return v; }
+// ---- RMSNorm and attention ----------------------------------------------------------------------------------------
 
-#ifdef LLAMA_AVX512
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+// y (M, K) = x / sqrt(mean(x^2) + eps) * weight, row by row, in the activation dtype A, rounded once.
+template <typename A>
+void rms_norm(const A* x, const A* weight, A* y, long M, long K, float eps) {
+    const long k_end = K - K % LANES;
+#pragma omp parallel for schedule(static) if (M * K >= (1 << 16))
+    for (long m = 0; m < M; m++) {
+        const A* row = x + m * K;
+        F squares = zeros();
+        for (long k = 0; k < k_end; k += LANES) squares = mul_add(load(row + k), load(row + k), squares);
+        float total = sum_of(squares);
+        for (long k = k_end; k < K; k++) total += to_float(row[k]) * to_float(row[k]);
+        const float inv_rms = 1.0f / std::sqrt(total / K + eps);
+        for (long k = 0; k < k_end; k += LANES) store(y + m * K + k, mul(mul(load(row + k), splat(inv_rms)), load(weight + k)));
+        for (long k = k_end; k < K; k++) assign(y[m * K + k], to_float(row[k]) * inv_rms * to_float(weight[k]));
+    }
+}
 
 // e^x for x <= 0, within ~2 ulp: 2^n e^r with n = round(x / ln 2) and |r| <= ln(2) / 2, e^r by its Taylor series
-// to r^6 (the next term is below 2^-23). ln 2 is split in two so that r is exact; scalef flushes to 0 below 2^-149.
-inline __m512 exp_nonpositive(__m512 x) {
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-6f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 720);
-    for (float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-    return _mm512_scalef_ps(p, n);
+// to r^6 (the next term is below 2^-23). ln 2 is split in two so that r is exact.
+inline F exp_nonpositive(F x) {
+    const F n = round_even(mul(x, splat(1.44269504f)));
+    F r = mul_add(n, splat(-0.693145751953125f), x);
+    r = mul_add(n, splat(-1.428606765330187e-6f), r);
+    F p = splat(1.0f / 720);
+    for (float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = mul_add(p, r, splat(c));
+    return times_pow2(p, n);
 }
 
-// Lane j of the result is the sum of v[j]'s lanes: halves of pairs of vectors are added until each 128-bit lane
-// holds four sums, 46 instructions where 16 separate reductions take ~130.
-inline __m512 sum_lanes16(const __m512 v[16]) {
-    __m512 halves[8], quarters[4], eighths[2];
-    for (int i = 0; i < 8; i++)  // 128-bit lanes 0, 1: v[i]'s two halves added; 2, 3: v[i + 8]'s
-        halves[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[i], v[i + 8], 0x44), _mm512_shuffle_f32x4(v[i], v[i + 8], 0xEE));
-    for (int i = 0; i < 4; i++)  // lanes: v[i], v[i + 8], v[i + 4], v[i + 12], four floats each
-        quarters[i] = _mm512_add_ps(_mm512_shuffle_f32x4(halves[i], halves[i + 4], 0x88),
-                                    _mm512_shuffle_f32x4(halves[i], halves[i + 4], 0xDD));
-    for (int i = 0; i < 2; i++)  // within lanes: floats 0 and 2 from quarters[i], 1 and 3 from quarters[i + 2]
-        eighths[i] = _mm512_add_ps(_mm512_unpacklo_ps(quarters[i], quarters[i + 2]),
-                                   _mm512_unpackhi_ps(quarters[i], quarters[i + 2]));
-    const __m512 sums = _mm512_add_ps(_mm512_shuffle_ps(eighths[0], eighths[1], 0x44),
-                                      _mm512_shuffle_ps(eighths[0], eighths[1], 0xEE));
-    // lane by lane, sums holds v[0], v[2], v[1], v[3], then v[8], v[10], v[9], v[11], v[4] .. and v[12] ..
-    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15), sums);
-}
+inline long round_up(long n, long multiple) { return (n + multiple - 1) / multiple * multiple; }
 
-// attend() for D = 16 CHUNKS. The cache is read 16 positions at a time into a block of fp32 rows that stays in L1
-// while each of the heads uses it, so heads sharing a KV head read it from L2 or memory once, not once each. Scores
-// for a block's 16 positions come out of one transpose (sum_lanes16) and exp runs in vectors.
-template <long CHUNKS, typename A>
+// attend() for a head size D that is a multiple of LANES. The cache is read LANES positions at a time into a block of
+// fp32 rows that stays in L1 while each of the heads uses it, so heads sharing a KV head read it from L2 or memory
+// once, not once each. Scores for a block's positions come out of one transpose (sum_lanes) and exp runs in vectors.
+// Each head's scores take round_up(pos + 1, LANES) floats.
+template <long D, typename A>
 void attend_vectors(const float* queries, long heads, const A* keys, const A* values, long pos, float* scores,
                     float* out) {
-    constexpr long D = 16 * CHUNKS;
-    const long length = pos + 1;
-    alignas(64) float block[16 * D];
-    auto load_block = [&](const A* rows, long t0) {  // rows past pos repeat row pos; their results are masked off
-        for (long j = 0; j < 16; j++)
-            for (long c = 0; c < CHUNKS; c++)
-                _mm512_store_ps(block + j * D + 16 * c, load16(rows + std::min(t0 + j, pos) * D + 16 * c));
+    constexpr long CHUNKS = D / LANES;
+    const long length = pos + 1, stride = round_up(length, LANES);
+    alignas(64) float block[LANES * D];
+    auto load_block = [&](const A* rows, long t0) {  // rows past pos repeat row pos
+        for (long j = 0; j < LANES; j++)
+            for (long c = 0; c < CHUNKS; c++) store(block + j * D + LANES * c, load(rows + std::min(t0 + j, pos) * D + LANES * c));
     };
-    auto valid = [&](long t0) { return __mmask16((1u << std::min(16L, length - t0)) - 1); };
-    const __m512 scale = _mm512_set1_ps(1.0f / std::sqrt(float(D)));
-    for (long t0 = 0; t0 < length; t0 += 16) {
+    const F scale = splat(1.0f / std::sqrt(float(D)));
+    for (long t0 = 0; t0 < length; t0 += LANES) {
         load_block(keys, t0);
         for (long h = 0; h < heads; h++) {
-            __m512 dots[16];
-            for (long j = 0; j < 16; j++) {
-                dots[j] = _mm512_mul_ps(_mm512_loadu_ps(queries + h * D), _mm512_load_ps(block + j * D));
+            F dots[LANES];
+            for (long j = 0; j < LANES; j++) {
+                dots[j] = mul(load(queries + h * D), load(block + j * D));
                 for (long c = 1; c < CHUNKS; c++)
-                    dots[j] = _mm512_fmadd_ps(_mm512_loadu_ps(queries + h * D + 16 * c), _mm512_load_ps(block + j * D + 16 * c), dots[j]);
+                    dots[j] = mul_add(load(queries + h * D + LANES * c), load(block + j * D + LANES * c), dots[j]);
             }
-            _mm512_mask_storeu_ps(scores + h * length + t0, valid(t0), _mm512_mul_ps(sum_lanes16(dots), scale));
+            store(scores + h * stride + t0, mul(sum_lanes(dots), scale));
         }
     }
     for (long h = 0; h < heads; h++) {  // scores -> e^(score - largest), out -> 0
-        float* row = scores + h * length;
-        __m512 best = _mm512_set1_ps(-INFINITY);
-        for (long t0 = 0; t0 < length; t0 += 16) best = _mm512_max_ps(best, _mm512_mask_loadu_ps(best, valid(t0), row + t0));
-        const __m512 largest = _mm512_set1_ps(_mm512_reduce_max_ps(best));
-        for (long t0 = 0; t0 < length; t0 += 16)
-            _mm512_mask_storeu_ps(row + t0, valid(t0), exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid(t0), row + t0), largest)));
+        float* row = scores + h * stride;
+        F best = load(row);  // the positions past pos repeat pos's score, so they leave the largest as it is
+        for (long t0 = LANES; t0 < length; t0 += LANES) best = maximum(best, load(row + t0));
+        const F largest = splat(max_of(best));
+        for (long t0 = 0; t0 < length; t0 += LANES) store(row + t0, exp_nonpositive(sub(load(row + t0), largest)));
+        std::fill(row + length, row + stride, 0.0f);  // and weigh nothing
         std::fill(out + h * D, out + (h + 1) * D, 0.0f);
     }
-    for (long t0 = 0; t0 < length; t0 += 16) {
+    for (long t0 = 0; t0 < length; t0 += LANES) {
         load_block(values, t0);
-        const long n = std::min(16L, length - t0);
+        const long n = std::min(LANES, length - t0);
         for (long h = 0; h < heads; h++) {
-            __m512 sums[CHUNKS];
-            for (long c = 0; c < CHUNKS; c++) sums[c] = _mm512_loadu_ps(out + h * D + 16 * c);
+            F sums[CHUNKS];
+            for (long c = 0; c < CHUNKS; c++) sums[c] = load(out + h * D + LANES * c);
             for (long j = 0; j < n; j++) {
-                const __m512 p = _mm512_set1_ps(scores[h * length + t0 + j]);
-                for (long c = 0; c < CHUNKS; c++) sums[c] = _mm512_fmadd_ps(p, _mm512_load_ps(block + j * D + 16 * c), sums[c]);
+                const F p = splat(scores[h * stride + t0 + j]);
+                for (long c = 0; c < CHUNKS; c++) sums[c] = mul_add(p, load(block + j * D + LANES * c), sums[c]);
             }
-            for (long c = 0; c < CHUNKS; c++) _mm512_storeu_ps(out + h * D + 16 * c, sums[c]);
+            for (long c = 0; c < CHUNKS; c++) store(out + h * D + LANES * c, sums[c]);
         }
     }
     for (long h = 0; h < heads; h++) {  // divided by the softmax's total
-        __m512 total = _mm512_setzero_ps();
-        for (long t0 = 0; t0 < length; t0 += 16) total = _mm512_add_ps(total, _mm512_maskz_loadu_ps(valid(t0), scores + h * length + t0));
-        const __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
-        for (long c = 0; c < CHUNKS; c++) _mm512_storeu_ps(out + h * D + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(out + h * D + 16 * c), inverse));
+        F total = zeros();
+        for (long t0 = 0; t0 < length; t0 += LANES) total = add(total, load(scores + h * stride + t0));
+        const F inverse = splat(1.0f / sum_of(total));
+        for (long c = 0; c < CHUNKS; c++) store(out + h * D + LANES * c, mul(load(out + h * D + LANES * c), inverse));
     }
 }
-#endif
 
 // Attention of `heads` query heads that share one KV head: queries (heads, D) fp32 over keys and values (pos + 1, D)
-// in the activation dtype A, softmax of query . key / sqrt(D) -> out (heads, D) fp32; scores holds heads (pos + 1)
-// floats.
+// in the activation dtype A, softmax of query . key / sqrt(D) -> out (heads, D) fp32; scores holds heads
+// round_up(pos + 1, 16) floats.
 template <typename A>
 void attend(const float* queries, long heads, const A* keys, const A* values, long pos, long D, float* scores,
             float* out) {
-#ifdef LLAMA_AVX512
-    switch (D) {  // the head sizes of Llama 2 (128), TinyLlama (64) and smaller test models
-        case 16: return attend_vectors<1>(queries, heads, keys, values, pos, scores, out);
-        case 32: return attend_vectors<2>(queries, heads, keys, values, pos, scores, out);
-        case 64: return attend_vectors<4>(queries, heads, keys, values, pos, scores, out);
-        case 128: return attend_vectors<8>(queries, heads, keys, values, pos, scores, out);
+    switch (D) {  // the head sizes of Llama 2 (128), TinyLlama (64) and smaller test models, all multiples of LANES
+        case 16: return attend_vectors<16>(queries, heads, keys, values, pos, scores, out);
+        case 32: return attend_vectors<32>(queries, heads, keys, values, pos, scores, out);
+        case 64: return attend_vectors<64>(queries, heads, keys, values, pos, scores, out);
+        case 128: return attend_vectors<128>(queries, heads, keys, values, pos, scores, out);
     }
-#endif
     const float scale = 1.0f / std::sqrt(float(D));
     for (long h = 0; h < heads; h++) {  // head by head, with vector loops over D
         const float* query = queries + h * D;
@@ -557,7 +805,8 @@ int llama_int4_fits(long K, long group) {
     return group >= 64 && QBLOCK % group == 0 && K % group == 0 && K % 64 == 0;
 }
 
-int llama_vectorized() { return vector_width<uint16_t>() > 1; }
+// The instruction set the kernels were built for: avx512, avx2, neon or portable.
+const char* llama_isa() { return ISA; }
 
 const char* llama_matmul_bf16(const void* x, const uint16_t* w, void* y, int act_bf16, long M, long N, long K) {
     if (M < 1 || M > MAX_ROWS) return "matmul: the kernel takes 1 to 8 rows";
@@ -584,17 +833,10 @@ const char* llama_matmul_int4(const void* x, const uint8_t* w, const void* scale
 
 // y (M, K) = x / sqrt(mean(x^2) + eps) * weight, row by row, rounded once.
 void llama_rms_norm(const void* x, const void* weight, void* y, int act_bf16, long M, long K, float eps) {
-#pragma omp parallel for schedule(static) if (M * K >= (1 << 16))
-    for (long m = 0; m < M; m++) {
-        float squares = 0;
-        for (long k = 0; k < K; k++) {
-            const float v = load_act(x, act_bf16, m * K + k);
-            squares += v * v;
-        }
-        const float inv_rms = 1.0f / std::sqrt(squares / K + eps);
-        for (long k = 0; k < K; k++)
-            store_act(y, act_bf16, m * K + k, load_act(x, act_bf16, m * K + k) * inv_rms * load_act(weight, act_bf16, k));
-    }
+    if (act_bf16)
+        rms_norm(static_cast<const uint16_t*>(x), static_cast<const uint16_t*>(weight), static_cast<uint16_t*>(y), M, K, eps);
+    else
+        rms_norm(static_cast<const float*>(x), static_cast<const float*>(weight), static_cast<float*>(y), M, K, eps);
 }
 
 // One decode step of attention for B sequences, sequence b at position positions[b] in row rows[b] of the caches
@@ -634,7 +876,7 @@ const char* llama_decode_attention(const void* qkv, void* cache_k, void* cache_v
     const long parts = std::min(group, std::max(1L, (max_threads() + B * H_kv - 1) / (B * H_kv)));
 #pragma omp parallel if (B * H * longest * D >= (1 << 15))
     {
-        std::vector<float> queries(group * D), scores(group * longest), acc(group * D);
+        std::vector<float> queries(group * D), scores(group * round_up(longest, 16)), acc(group * D);
 #pragma omp for schedule(static)
         for (long item = 0; item < B * H_kv * parts; item++) {
             const long b = item / (H_kv * parts), kv = item / parts % H_kv, part = item % parts;

@@ -8,8 +8,9 @@ them to ctypes; an entry point that fails returns a message, raised here as a Ru
 
 The cache lives in $LLAMA_KERNEL_CACHE, else ~/.cache/llama; the file name hashes the source, the compiler command
 and this CPU's flags, so an edit, a new compiler or another machine sharing the home directory gets its own build.
-$CXX picks the compiler and $LLAMA_KERNEL_FLAGS replaces the flags tried (e.g. "-O3" for the portable loops that
-other CPUs than AVX-512 ones run).
+$CXX picks the compiler and $LLAMA_KERNEL_FLAGS replaces the flags tried: the flags choose the instruction set of the
+kernels' vector code (AVX-512, AVX2 with FMA, NEON, else portable loops; `isa()` says which), e.g.
+"-O3 -march=haswell -fopenmp" builds the AVX2 kernels on an AVX-512 CPU.
 """
 
 import ctypes
@@ -145,6 +146,12 @@ def check(error: Optional[bytes]) -> None:
     """Raise an entry point's error message, if it returned one."""
     if error is not None:
         raise RuntimeError(f"llama CPU kernel: {error.decode()}")
+
+
+def isa() -> Optional[str]:
+    """The instruction set the kernels were built for (avx512, avx2, neon or portable), or None without kernels."""
+    lib = library()
+    return lib.llama_isa().decode() if lib is not None else None
 
 
 def max_rows() -> int:
