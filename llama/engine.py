@@ -26,7 +26,7 @@ class CpuDecodeEngine:
         self.layers = (cpu.struct("LayerTensors") * len(layers))(*(
             cpu.struct("LayerTensors")(*(None if t is None else t.data_ptr() for t in tensors)) for tensors in layers))
         self.shape = shape
-        self.max_batch = min(shape.max_batch, cpu.max_rows())
+        self.max_batch = shape.max_batch
 
     @classmethod
     def for_model(cls, model: Transformer) -> Optional["CpuDecodeEngine"]:

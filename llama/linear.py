@@ -76,10 +76,12 @@ class CpuLinear(ParallelLinear):
     """A CPU linear whose weight stays a plain tensor: bf16 (N, K); int8 (N, K) with per-row scales; or int4 codes
     (N, K / 2) in the kernel's order (`cpu.pack_int4`) with a scale and a zero per int4_group weights.
 
-    Up to cpu.max_rows() rows of input (a decode step) go through the streaming kernel of kernels/cpu.cpp,
-    which reads each weight once at memory bandwidth. More rows (a prompt) are multiplied by PyTorch's GEMM from
-    the weight widened a block of rows at a time into the shared scratch: to fp32 on CPUs without native bf16 math
-    (where oneDNN's emulated bf16 is several times slower than sgemm), else to the activations' dtype.
+    Its matmuls run the kernels of kernels/cpu.cpp: a decode step's rows (up to cpu.DECODE_ROWS) read each weight
+    once, at memory bandwidth; a prompt's rows go through in tiles over panels of weights held in cache. Past
+    BF16_KERNEL_ROWS rows of bf16 weights, and past a decode step's on CPUs with native bf16 math, PyTorch's GEMM
+    runs instead, on the weight widened a block of rows at a time into the shared scratch: to fp32 on CPUs without
+    native bf16 math (where oneDNN's emulated bf16 is several times slower than sgemm), else to the activations'
+    dtype. (On long prompts sgemm outruns our bf16 tiles; our int8 and int4 tiles outrun dequantizing for it.)
     """
 
     def __init__(self, layer: nn.Module, world_size: int, weight: torch.Tensor, scales: Optional[torch.Tensor],
@@ -91,7 +93,6 @@ class CpuLinear(ParallelLinear):
         self.register_buffer("scales", scales)
         self.int4_group = int4_group
         self.scratch = scratch
-        self.kernel_rows = cpu.max_rows()
         self.native_bf16 = cpu_has_native_bf16()
 
     def widened(self, first: int, last: int, dtype: torch.dtype) -> torch.Tensor:
@@ -107,8 +108,17 @@ class CpuLinear(ParallelLinear):
         out = self.scratch.get(rows.shape, dtype).copy_(rows)
         return out if self.scales is None else out.mul_(self.scales[first:last, None])
 
+    # Rows of x past which bf16 weights go to PyTorch's GEMM (see the class docstring; docs/performance.md).
+    BF16_KERNEL_ROWS = 128
+
+    def uses_kernel(self, rows: int) -> bool:
+        """Whether a matmul of this many rows of x runs our kernel (else PyTorch's GEMM on a widened weight)."""
+        if rows <= cpu.DECODE_ROWS:
+            return True
+        return not self.native_bf16 and (self.scales is not None or rows <= self.BF16_KERNEL_ROWS)
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() // x.shape[-1] <= self.kernel_rows:
+        if self.uses_kernel(x.numel() // x.shape[-1]):
             return torch.ops.llama.cpu_matmul(x, self.weight, self.scales, self.int4_group)
         dtype = x.dtype if self.native_bf16 else torch.float32
         xw = x.to(dtype)

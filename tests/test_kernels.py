@@ -38,18 +38,19 @@ def as_int8_kernel_rounds(x: torch.Tensor) -> torch.Tensor:
 
 @needs_kernels
 @pytest.mark.parametrize("act_dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("in_features", [70, 600])
-def test_kernel_matches_fp32_matmul(act_dtype, in_features):
-    # N = 37 leaves rows after the last full block of 8/4/2; K = 70 and 600 leave tails after the last 16- or
-    # 32-wide vector, and 600 spans three blocks of int16 activations (256, 256, 64)
+@pytest.mark.parametrize("out_features, in_features", [(37, 70), (37, 600), (300, 600)])
+def test_kernel_matches_fp32_matmul(act_dtype, out_features, in_features):
+    # N = 37 leaves rows after the last full block of 8/4/2, and 300 makes three panels of weights for the tiles of
+    # more rows than a decode step's; K = 70 and 600 leave tails after the last 16- or 32-wide vector, and 600 spans
+    # three blocks of int16 activations (256, 256, 64)
     gen = torch.Generator().manual_seed(0)
-    weight = torch.randn(37, in_features, generator=gen).bfloat16()
-    q, scales = quantize_int8(torch.randn(37, in_features, generator=gen))
+    weight = torch.randn(out_features, in_features, generator=gen).bfloat16()
+    q, scales = quantize_int8(torch.randn(out_features, in_features, generator=gen))
     scales = scales.to(act_dtype)
-    for rows in range(1, cpu.max_rows() + 1):
+    for rows in [*range(1, cpu.DECODE_ROWS + 1), 9, 13, 37]:  # a decode step's rows, then tiles of more
         x = torch.randn(rows, in_features, generator=gen).to(act_dtype)
         out = cpu.matmul(x, weight)
-        assert out.dtype == act_dtype and out.shape == (rows, 37)
+        assert out.dtype == act_dtype and out.shape == (rows, out_features)
         # exact products summed in fp32: only summation order and the final rounding to act_dtype may differ
         tol = dict(rtol=2**-7, atol=1e-2) if act_dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(out.float(), F.linear(x.float(), weight.float()), **tol)
@@ -132,7 +133,7 @@ def test_int4_kernel_matches_dequantized_matmul(act_dtype, out_features, in_feat
     assert packed.shape == (out_features, in_features // 2) and torch.equal(cpu.unpack_int4(packed), q.byte())
     scales_zeros = scales_and_zeros.transpose(0, 1).to(act_dtype)  # (N, K / group, 2), as CpuLinear keeps them
     scales, zeros = (t.double().repeat_interleave(group, dim=1) for t in scales_zeros.unbind(-1))
-    for rows in range(1, cpu.max_rows() + 1):
+    for rows in [*range(1, cpu.DECODE_ROWS + 1), 9, 13, 37]:  # a decode step's rows, then tiles of more
         x = torch.randn(rows, in_features, generator=gen).to(act_dtype)
         out = cpu.matmul(x, packed, scales_zeros.contiguous(), group)
         assert out.dtype == act_dtype and out.shape == (rows, out_features)
@@ -144,12 +145,6 @@ def test_int4_kernel_matches_dequantized_matmul(act_dtype, out_features, in_feat
         torch.testing.assert_close(out.double(), expected, **tol)
     with pytest.raises(RuntimeError, match="int4 groups must be 64, 128 or 256 wide"):
         cpu.matmul(x[:, :128], packed[:, :64], scales_zeros, 32)
-
-
-@needs_kernels
-def test_kernel_refuses_too_many_rows():
-    with pytest.raises(RuntimeError, match="takes 1 to 8 rows"):
-        cpu.matmul(torch.zeros(9, 16), torch.zeros(4, 16, dtype=torch.bfloat16))
 
 
 def test_kernels_build_into_cache_atomically(tmp_path):

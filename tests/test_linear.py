@@ -32,7 +32,7 @@ def model_parallel(build):
 
 
 @needs_kernels
-@pytest.mark.parametrize("rows", [1, 5, 64])
+@pytest.mark.parametrize("rows", [1, 5, 64, 100])
 @pytest.mark.parametrize("native_bf16", [True, False])
 @pytest.mark.parametrize("quantized", [False, True])
 def test_cpu_linear_matches_f_linear(rows, native_bf16, quantized, monkeypatch):
@@ -51,8 +51,10 @@ def test_cpu_linear_matches_f_linear(rows, native_bf16, quantized, monkeypatch):
     with torch.inference_mode():
         out = linear(x)
     assert out.dtype == torch.bfloat16 and out.shape == (2, rows, 96)
-    # rows * 2 <= 8 take the kernel, more the widened-weight GEMM: both sum exact products in fp32, so only the
-    # final rounding to bf16 differs. With native bf16 math the GEMM runs in bf16 from a weight rounded to bf16.
+    # 2 rows x `rows` of x: up to a decode step's take the kernel; more take its tiles, or the widened-weight GEMM
+    # (bf16 weights past BF16_KERNEL_ROWS, or native bf16 math): all sum exact products in fp32, so only the final
+    # rounding to bf16 differs. With native bf16 math the GEMM runs in bf16 from a weight rounded to bf16.
+    assert linear.uses_kernel(rows * 2) == (rows * 2 <= 8 or not native_bf16 and (quantized or rows * 2 <= 128))
     bf16_gemm = rows * 2 > 8 and native_bf16
     torch.testing.assert_close(out.float(), reference, rtol=2**-7, atol=(2**-5 if bf16_gemm else 2**-7) * 4)
 
@@ -137,6 +139,21 @@ def test_cpu_decode_engine_matches_the_model(build, config, dtype, quantize):
             engine(tokens[:, :2], start)
         with pytest.raises(RuntimeError, match="a position is outside the cache"):
             engine(step, torch.tensor([11, 7, 64]))
+
+
+@needs_kernels
+def test_cpu_decode_engine_takes_more_sequences_than_a_decode_steps_matmul(build):
+    """Past cpu.DECODE_ROWS sequences the engine's matmuls run in tiles: a step of 11 rows, each at its own
+    position, gives the model's logits."""
+    generator = build("gqa", dtype="bf16", max_batch_size=11)
+    model, engine = generator.model, generator.engine
+    assert engine.max_batch == 11
+    tokens = torch.randint(3, 500, (11, 12), generator=torch.Generator().manual_seed(6))
+    start = torch.arange(11) % 5 + 6
+    step = tokens[torch.arange(11), start][:, None]
+    with torch.inference_mode():
+        model.forward(tokens, 0)
+        torch.testing.assert_close(engine(step, start), model.forward(step, start), rtol=0, atol=2e-2)
 
 
 @needs_kernels

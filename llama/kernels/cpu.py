@@ -154,10 +154,8 @@ def isa() -> Optional[str]:
     return lib.llama_isa().decode() if lib is not None else None
 
 
-def max_rows() -> int:
-    """The most rows of x (batch x sequence) the matmul kernels take; larger inputs go to PyTorch's matmuls."""
-    lib = library()
-    return lib.llama_max_rows() if lib is not None else 0
+# Rows of x up to which a matmul is a decode step's: each weight read once for every row (more go in tiles).
+DECODE_ROWS = 8
 
 
 def act_bf16(x: torch.Tensor) -> int:
@@ -169,12 +167,14 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor]
            int4_group: int = 0) -> torch.Tensor:
     """x (..., K) in bf16 or fp32 @ W (N, K)^T -> (..., N) in x's dtype. The weight is bf16 (N, K); int8 (N, K)
     with scales (N,) in x's dtype; or, with int4_group, int4 codes packed by `pack_int4` (N, K / 2) with scales
-    (N, K / int4_group, 2) of (scale, zero) in x's dtype. At most max_rows() rows of x; every tensor on the CPU,
-    weight contiguous. (Called once per linear per decode step: kept to the few tensor calls it needs.)"""
+    (N, K / int4_group, 2) of (scale, zero) in x's dtype. Every tensor on the CPU, weight contiguous. (Called once
+    per linear per decode step: kept to the few tensor calls it needs.)"""
     n, k = weight.shape[0], x.shape[-1]
     x = x.contiguous()
     rows = x.numel() // k
     y = x.new_empty(x.shape[:-1] + (n,))
+    if rows == 0:
+        return y
     if scales is None:
         check(library().llama_matmul_bf16(x.data_ptr(), weight.data_ptr(), y.data_ptr(), act_bf16(x), rows, n, k))
     elif int4_group == 0:
