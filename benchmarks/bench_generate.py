@@ -7,8 +7,9 @@ At batch 1 every generated token streams every weight once (all but the embeddin
 so decode tokens/s <= read bandwidth / bytes of those weights. The bandwidth is measured on the same device at the
 start of the run and again in each engine's process before it loads its model (a shared VM's bandwidth drifts by
 10-20% over minutes), and each row's ceiling uses its own measurement. Each engine runs in a fresh subprocess so
-load time and peak resident memory are its own. Random weights are used for named shapes; greedy decoding is forced to run every step. Decode
-speed excludes the prompt: it is timed as generating max_gen_len + 1 tokens minus generating 1.
+load time and peak resident memory are its own. Random weights are used for named shapes; greedy decoding is forced to run every step. Prefill is a 512-token
+prompt's forward with the last token's logits only (as generation, transformers' generate and llama.cpp compute it).
+Decode speed excludes the prompt: it is timed as generating max_gen_len + 1 tokens minus generating 1.
 """
 
 import json
@@ -132,7 +133,8 @@ def run_ours(ckpt_dir, tokenizer_path, device, dtype, max_gen_len, **build_kwarg
 
     def prefill():
         with torch.inference_mode():
-            generator.model.forward(torch.randint(3, vocab, (1, PREFILL_LEN), device=dev), 0)
+            tokens = torch.randint(3, vocab, (1, PREFILL_LEN), device=dev)
+            generator.model.forward(tokens, 0, logits_at=torch.tensor([PREFILL_LEN - 1], device=dev))
 
     def generate(batch, n):
         prompts = [[1] + [3 + (7 * i + j) % 1000 for j in range(PROMPT_LEN - 1)] for i in range(batch)]
@@ -160,7 +162,7 @@ def run_hf(ckpt_dir, tokenizer_path, device, dtype, max_gen_len) -> dict:
 
     def prefill():
         with torch.inference_mode():
-            model(torch.randint(3, vocab, (1, PREFILL_LEN), device=dev))
+            model(torch.randint(3, vocab, (1, PREFILL_LEN), device=dev), logits_to_keep=1)
 
     def generate(batch, n):
         ids = torch.randint(3, vocab, (batch, PROMPT_LEN), device=dev)

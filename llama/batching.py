@@ -126,9 +126,8 @@ def run_prefill(llama: Llama, plan: Plan) -> Optional[torch.Tensor]:
     rows = torch.tensor([row for row, _, _ in plan.prefill], device=device)
     starts = torch.tensor([start for _, start, _ in plan.prefill], device=device)
     cache_len = max(start for _, start, _ in plan.prefill) + width
-    logits = llama.model.forward(tokens.to(device), starts, rows, cache_len)  # (B, width, V)
     last = torch.tensor([len(chunk) - 1 for _, _, chunk in plan.prefill], device=device)
-    return logits[torch.arange(len(plan.prefill), device=device), last]
+    return llama.model.forward(tokens.to(device), starts, rows, cache_len, logits_at=last)[:, 0]
 
 
 def follow(llama: Llama) -> None:

@@ -531,14 +531,17 @@ class Generation:
         self.stop_tensor = torch.tensor(stop_ids, device=device)
         self.live = self.position < self.end  # rows still generating
 
-        logits = llama.model.forward(self.tokens[:, :prompt_len], 0)
-        if self.logprobs:
+        if self.logprobs:  # every prompt token's logits, for the prompt's log-probabilities
+            logits = llama.model.forward(self.tokens[:, :prompt_len], 0)
             self.all_logprobs[:, 1:prompt_len] = token_logprobs(logits[:, :-1], self.tokens[:, 1:prompt_len],
                                                                 self.pad_id)
+            last = logits[torch.arange(bsz, device=device), self.position - 1]
+        else:  # only each prompt's last token's
+            last = llama.model.forward(self.tokens[:, :prompt_len], 0, logits_at=self.position - 1)[:, 0]
         self.batch = list(range(bsz)) if llama.compiled_step is not None else [  # fixed shapes when compiled
             i for i in range(bsz) if self.prompt_lens[i] < self.ends[i]]
         self.batch_rows = torch.tensor(self.batch, dtype=torch.long, device=device)
-        self.last = logits[self.batch_rows, self.position[self.batch_rows] - 1]  # (A, V): each row's next logits
+        self.last = last[self.batch_rows]  # (A, V): each row's next logits
         self.stopped = set()  # rows `stop` ended
 
     def stop(self, row: int) -> None:

@@ -172,9 +172,11 @@ class Transformer(nn.Module):
         return rotary_angles(positions, self.params.rotary_frequencies(positions.device))
 
     def forward(self, tokens: torch.Tensor, start_pos: StartPos, rows: Optional[torch.Tensor] = None,
-                cache_len: Optional[int] = None) -> torch.Tensor:
+                cache_len: Optional[int] = None, logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
         """tokens (B, S): row b's tokens at positions start_pos[b] .. start_pos[b] + S - 1, kept in row rows[b] of the
-        KV caches (row b when rows is None) -> fp32 logits (B, S, vocab_size).
+        KV caches (row b when rows is None) -> fp32 logits (B, S, vocab_size); with logits_at (B,) indices into S,
+        only those tokens' logits (B, 1, vocab_size): a prompt needs its last token's, and the output layer over
+        every token would cost a large share of a small model's prefill.
 
         start_pos is one int for every row (Meta's API) or each row's, a (B,) integer tensor on the weights' device,
         whose values (0 <= start_pos[b], start_pos[b] + S <= max_seq_len) are not read back to be checked.
@@ -200,4 +202,6 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)  # (B, S, dim)
         for layer in self.layers:
             h = layer(h, start_pos, rows, rotation, cache_len or max_seq_len)
+        if logits_at is not None:
+            h = h[torch.arange(bsz, device=h.device), logits_at][:, None]  # (B, 1, dim)
         return self.output(self.norm(h)).float()

@@ -102,6 +102,18 @@ def test_cached_decoding_equals_full_forward(build, config):
     assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=0)
 
 
+def test_logits_at_gives_those_tokens_logits_alone(build):
+    """A prompt's forward with logits_at computes each row's logits at one token only: those of the full forward."""
+    model = build("gqa").model
+    tokens = torch.randint(3, 500, (3, 24), generator=torch.Generator().manual_seed(2)).to(device_of(model))
+    at = torch.tensor([23, 4, 17], device=tokens.device)
+    with torch.inference_mode():
+        full = model.forward(tokens, 0)
+        some = model.forward(tokens, 0, logits_at=at)
+    assert some.shape == (3, 1, full.shape[-1])
+    assert torch.allclose(some[:, 0], full[torch.arange(3), at], atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("config", ["mha", "gqa"])
 def test_static_decode_step_equals_cached_forward(build, config):
     """Positions as a tensor (the compiled path's step: whole-cache attention under a mask) give the same logits."""
