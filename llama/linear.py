@@ -109,7 +109,7 @@ class CpuLinear(ParallelLinear):
         return out if self.scales is None else out.mul_(self.scales[first:last, None])
 
     # Rows of x past which bf16 weights go to PyTorch's GEMM (see the class docstring; docs/performance.md).
-    BF16_KERNEL_ROWS = 128
+    BF16_KERNEL_ROWS = 384
 
     def uses_kernel(self, rows: int) -> bool:
         """Whether a matmul of this many rows of x runs our kernel (else PyTorch's GEMM on a widened weight)."""

@@ -580,7 +580,7 @@ constexpr long block_rows(long M) {
         return M == 1 ? 8 : M <= 4 ? 4 : 2;
     }
     if (int16_activations<T>()) return M == 1 ? 4 : M <= 3 ? 2 : 1;
-    return M == 1 ? 8 : M <= 2 ? 4 : M <= 5 ? 2 : 1;
+    return M == 1 ? 8 : M <= 2 ? 4 : M <= 6 ? 2 : 1;
 }
 
 // Elements of T per row of W.
@@ -636,7 +636,11 @@ void convert_activations(const void* x, bool act_bf16, long M, long K, long grou
 
 // Rows of x per tile when there are more than a decode step's (a prompt's), and the bytes of weights one thread keeps
 // in its L2 cache while every tile passes over them: the weights are read from memory once, x from cache.
-constexpr long TILE_ROWS = REGISTERS >= 32 ? 8 : 4, PANEL_BYTES = 128 << 10;
+constexpr long TILE_ROWS = REGISTERS >= 32 ? 8 : 6, PANEL_BYTES = 128 << 10;
+// The most rows of a decode step taken at once; with 16 registers, 7 or 8 rows go in two halves, each over the same
+// four blocks of weight rows in turn (the second half reads them from L1): fewer reads of x than one tile of 8 rows
+// with one weight row per block.
+constexpr long DECODE_TILE = REGISTERS >= 32 ? MAX_ROWS : 6;
 
 // y (M, N) = x (M, K) W^T for the weight type T (int4: with K a multiple of 64 and of `group`, a divisor of QBLOCK).
 // Up to MAX_ROWS rows (a decode step) take every row at once, so each weight is read once, in blocks of rows shared
@@ -649,23 +653,25 @@ void matmul(const void* x, const T* w, const void* scales, void* y, int act_bf16
     Activations& a = kept;  // the calling thread's, which the threads of the loop below share (not their own `kept`)
     convert_activations<T>(x, act_bf16, M, K, group, a);
     const bool decode = M <= MAX_ROWS;
-    const long step = decode ? block_rows<T>(M) : std::max(8L, PANEL_BYTES / (row_elems<T>(K) * long(sizeof(T))) / 8 * 8);
+    const long tile = !decode ? TILE_ROWS : M <= DECODE_TILE ? M : (M + 1) / 2;
+    const long step = !decode ? std::max(8L, PANEL_BYTES / (row_elems<T>(K) * long(sizeof(T))) / 8 * 8)
+                      : M <= DECODE_TILE ? block_rows<T>(M) : 4 * block_rows<T>(tile);
 #pragma omp parallel for schedule(static)
     for (long p = 0; p < (N + step - 1) / step; p++) {
         const long n_begin = p * step, n_end = std::min(N, n_begin + step);
         const T* panel_w = w + n_begin * row_elems<T>(K);
-        if (decode) {
-            panel_of(M, a, 0, panel_w, scales, y, act_bf16, N, K, n_begin, n_end);
-        } else if constexpr (std::is_same<T, uint16_t>::value) {
-            thread_local std::vector<float> widened;
-            widened.resize((n_end - n_begin) * K);
-            for (long i = 0; i < (n_end - n_begin) * K; i++) widened[i] = bf16_to_float(panel_w[i]);
-            for (long m0 = 0; m0 < M; m0 += TILE_ROWS)
-                panel_of(std::min(TILE_ROWS, M - m0), a, m0, widened.data(), scales, y, act_bf16, N, K, n_begin, n_end);
-        } else {
-            for (long m0 = 0; m0 < M; m0 += TILE_ROWS)
-                panel_of(std::min(TILE_ROWS, M - m0), a, m0, panel_w, scales, y, act_bf16, N, K, n_begin, n_end);
+        if constexpr (std::is_same<T, uint16_t>::value) {
+            if (!decode) {  // a prompt's bf16 weights, widened once per panel rather than once per tile
+                thread_local std::vector<float> widened;
+                widened.resize((n_end - n_begin) * K);
+                for (long i = 0; i < (n_end - n_begin) * K; i++) widened[i] = bf16_to_float(panel_w[i]);
+                for (long m0 = 0; m0 < M; m0 += tile)
+                    panel_of(std::min(tile, M - m0), a, m0, widened.data(), scales, y, act_bf16, N, K, n_begin, n_end);
+                continue;
+            }
         }
+        for (long m0 = 0; m0 < M; m0 += tile)
+            panel_of(std::min(tile, M - m0), a, m0, panel_w, scales, y, act_bf16, N, K, n_begin, n_end);
     }
 }
 
