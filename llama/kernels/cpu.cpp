@@ -580,7 +580,7 @@ constexpr long block_rows(long M) {
         return M == 1 ? 8 : M <= 4 ? 4 : 2;
     }
     if (int16_activations<T>()) return M == 1 ? 4 : M <= 3 ? 2 : 1;
-    return M == 1 ? 8 : M <= 2 ? 4 : M <= 6 ? 2 : 1;
+    return M <= 2 ? 4 : M <= 6 ? 2 : 1;
 }
 
 // Elements of T per row of W.
