@@ -1,5 +1,5 @@
 """The kernels of cpu.cpp (streaming matmuls, RMSNorm, a decode step's attention, and a whole decode step in one call),
-compiled for this CPU on first use (about 2 s with the system's C++ compiler) and cached, then called through ctypes.
+compiled for this CPU on first use (about 10 s of one core with the system's C++ compiler) and cached, then called through ctypes.
 `register_kernels()` puts them behind the ops of llama/ops.py for CPU tensors. Without a compiler `available()` is
 False, nothing is registered, and the model runs the ops' PyTorch references and PyTorch's matmuls, with a warning.
 
