@@ -154,7 +154,8 @@ def isa() -> Optional[str]:
     return lib.llama_isa().decode() if lib is not None else None
 
 
-# Rows of x up to which a matmul is a decode step's: each weight read once for every row (more go in tiles).
+# Rows of x up to which a matmul is a decode step's, each weight read once for every row (cpu.cpp's MAX_ROWS; more
+# rows go in tiles).
 DECODE_ROWS = 8
 
 
