@@ -424,26 +424,39 @@ constexpr bool int16_activations() {
     return std::is_same<T, int8_t>::value || std::is_same<T, Nibbles>::value;
 }
 
+// Elements of T per row of W.
+template <typename T>
+constexpr long row_elems(long K) {
+    return std::is_same<T, Nibbles>::value ? K / 2 : K;
+}
+
+// The R rows of W a block reads together: rows n0 + r apart (of W, and columns of y); the next block's first row is
+// `next` rows after n0. Consecutive rows (apart 1, next R) suit weights that stay in cache; rows far apart (next 1)
+// suit weights streamed from memory, since each row then continues the stream of the block before.
+struct Block {
+    long n0, apart, next;
+};
+
 // The next block's rows, one line each time this block's rows cross a line: short rows (K < ~2048) end before the
 // hardware prefetcher has ramped up, so without this each block starts with cache misses.
 template <long R, typename T>
-inline void prefetch_next(const T* rows, long row_elems, long k) {
+inline void prefetch_next(const T* rows, const Block& b, long K, long k) {
     if (k % (64 / long(sizeof(T))) == 0)
-        for (long r = 0; r < R; r++) __builtin_prefetch(rows + (R + r) * row_elems + k, 0, 3);
+        for (long r = 0; r < R; r++) __builtin_prefetch(rows + (r * b.apart + b.next) * row_elems<T>(K) + k, 0, 3);
 }
 
-// Dot products of M rows of x, m0.., with R consecutive rows of W, rows.., bf16 (or fp32: widened for a prompt), over
-// k in [0, k_end), k_end a multiple of 16.
+// Dot products of M rows of x, m0.., with the R rows of W of block b, the first at `rows`, bf16 (or fp32: widened for
+// a prompt), over k in [0, k_end), k_end a multiple of 16.
 template <long M, long R, typename W>
-inline void dot_block(const Activations& a, long m0, const W* rows, const void*, bool, long K, long k_end, long,
-                      float out[M][R]) {
+inline void dot_block(const Activations& a, long m0, const W* rows, const Block& b, const void*, bool, long K,
+                      long k_end, float out[M][R]) {
     F acc[M][R];
     for (long m = 0; m < M; m++)
         for (long r = 0; r < R; r++) acc[m][r] = zeros();
     for (long k = 0; k < k_end; k += LANES) {
-        prefetch_next<R>(rows, K, k);
+        prefetch_next<R>(rows, b, K, k);
         F wv[R];
-        for (long r = 0; r < R; r++) wv[r] = load(rows + r * K + k);
+        for (long r = 0; r < R; r++) wv[r] = load(rows + r * b.apart * K + k);
         for (long m = 0; m < M; m++) {
             const F xv = load(a.x.data() + (m0 + m) * K + k);
             for (long r = 0; r < R; r++) acc[m][r] = mul_add(xv, wv[r], acc[m][r]);
@@ -456,8 +469,8 @@ inline void dot_block(const Activations& a, long m0, const W* rows, const void*,
 // The same for int8 rows against the int16 activations, k_end a multiple of 32: exact int32 sums per QBLOCK, then
 // scaled into fp32.
 template <long M, long R>
-inline void dot_block(const Activations& a, long m0, const int8_t* rows, const void*, bool, long K, long k_end, long,
-                      float out[M][R]) {
+inline void dot_block(const Activations& a, long m0, const int8_t* rows, const Block& b, const void*, bool, long K,
+                      long k_end, float out[M][R]) {
     F acc[M][R];
     for (long m = 0; m < M; m++)
         for (long r = 0; r < R; r++) acc[m][r] = zeros();
@@ -466,9 +479,9 @@ inline void dot_block(const Activations& a, long m0, const int8_t* rows, const v
         for (long m = 0; m < M; m++)
             for (long r = 0; r < R; r++) dots[m][r] = int_zeros();
         for (long k = k0; k < std::min(k0 + QBLOCK, k_end); k += 2 * LANES) {
-            prefetch_next<R>(rows, K, k);
+            prefetch_next<R>(rows, b, K, k);
             I16 wv[R];
-            for (long r = 0; r < R; r++) wv[r] = load(rows + r * K + k);
+            for (long r = 0; r < R; r++) wv[r] = load(rows + r * b.apart * K + k);
             for (long m = 0; m < M; m++) {
                 const I16 xv = load(a.q.data() + (m0 + m) * K + k);
                 for (long r = 0; r < R; r++) dots[m][r] = dot_pairs(dots[m][r], xv, wv[r]);
@@ -487,8 +500,8 @@ inline void dot_block(const Activations& a, long m0, const int8_t* rows, const v
 // q (code - 8), as q code less 8 q, each scaled by its scale and the activations', plus the zeros' share (zero times
 // x's group sum; centering the codes keeps the two from cancelling).
 template <long M, long R>
-inline void dot_block(const Activations& a, long m0, const Nibbles* rows, const void* scales_zeros, bool act_bf16,
-                      long K, long, long n0, float out[M][R]) {
+inline void dot_block(const Activations& a, long m0, const Nibbles* rows, const Block& b, const void* scales_zeros,
+                      bool act_bf16, long K, long, float out[M][R]) {
     const long groups = K / a.group;
     const uint8_t* bytes = reinterpret_cast<const uint8_t*>(rows);
     F acc[M][R];
@@ -500,11 +513,11 @@ inline void dot_block(const Activations& a, long m0, const Nibbles* rows, const 
         for (long m = 0; m < M; m++)
             for (long r = 0; r < R; r++) dots[m][r] = int_zeros();
         for (long k = g * a.group; k < (g + 1) * a.group; k += 64) {
-            prefetch_next<R>(bytes, K / 2, k / 2);
+            prefetch_next<R>(rows, b, K, k / 2);
             for (long r = 0; r < R; r++)
                 for (long j = 0; j < 32; j += 2 * LANES) {  // codes k + j.. in the low nibbles, k + 32 + j.. in the high
                     I16 low, high;
-                    load_nibbles(bytes + r * K / 2 + k / 2 + j, low, high);
+                    load_nibbles(bytes + r * b.apart * K / 2 + k / 2 + j, low, high);
                     for (long m = 0; m < M; m++) {
                         const int16_t* x = a.q.data() + (m0 + m) * K + k + j;
                         dots[m][r] = dot_pairs(dot_pairs(dots[m][r], load(x), low), load(x + 32), high);
@@ -512,7 +525,7 @@ inline void dot_block(const Activations& a, long m0, const Nibbles* rows, const 
                 }
         }
         for (long r = 0; r < R; r++) {  // the scaled dot in vector lanes, the zeros' share in a scalar
-            const long at = 2 * ((n0 + r) * groups + g);
+            const long at = 2 * ((b.n0 + r * b.apart) * groups + g);
             const float scale = load_act(scales_zeros, act_bf16, at), zero = load_act(scales_zeros, act_bf16, at + 1);
             for (long m = 0; m < M; m++) {
                 const long mg = (m0 + m) * groups + g;
@@ -550,21 +563,21 @@ inline float widen(uint16_t w) { return bf16_to_float(w); }
 inline float widen(int8_t w) { return float(w); }
 inline float widen(float w) { return w; }
 
-// Rows m0..m0+M and n0..n0+R of y, from the R rows of W at w_rows: the vector part of each dot product, the
-// K % vector_width tail (in fp32), the scale, the store. (int4 rows have no tail, and their scales are applied group
-// by group.)
+// Rows m0..m0+M of y at block b's columns, from its R rows of W, the first at w_rows: the vector part of each dot
+// product, the K % vector_width tail (in fp32), the scale, the store. (int4 rows have no tail, and their scales are
+// applied group by group.)
 template <long M, long R, typename T>
-inline void rows(const Activations& a, long m0, const T* w_rows, const void* scales, void* y, bool act_bf16, long N,
-                 long K, long n0) {
+inline void rows(const Activations& a, long m0, const T* w_rows, const Block& b, const void* scales, void* y,
+                 bool act_bf16, long N, long K) {
     const long k_end = K - K % vector_width<T>();
     float out[M][R];
-    dot_block<M, R>(a, m0, w_rows, scales, act_bf16, K, k_end, n0, out);
+    dot_block<M, R>(a, m0, w_rows, b, scales, act_bf16, K, k_end, out);
     for (long m = 0; m < M; m++)
         for (long r = 0; r < R; r++) {
-            const long n = n0 + r;
+            const long n = b.n0 + r * b.apart;
             float sum = out[m][r];
             if constexpr (!std::is_same<T, Nibbles>::value) {
-                for (long k = k_end; k < K; k++) sum += a.x[(m0 + m) * K + k] * widen(w_rows[r * K + k]);
+                for (long k = k_end; k < K; k++) sum += a.x[(m0 + m) * K + k] * widen(w_rows[r * b.apart * K + k]);
                 if (scales != nullptr) sum *= load_act(scales, act_bf16, n);
             }
             store_act(y, act_bf16, (m0 + m) * N + n, sum);
@@ -583,35 +596,33 @@ constexpr long block_rows(long M) {
     return M <= 2 ? 4 : M <= 6 ? 2 : 1;
 }
 
-// Elements of T per row of W.
-template <typename T>
-constexpr long row_elems(long K) {
-    return std::is_same<T, Nibbles>::value ? K / 2 : K;
-}
-
-// Rows m0..m0+M of y over its rows [n_begin, n_end), from W's rows n_begin.. at w: blocks of block_rows(M), then
-// single rows.
+// Rows m0..m0+M of y over its columns [n_begin, n_end), from W's rows n_begin.. at w: blocks of R = block_rows(M)
+// rows, consecutive or (`spread`) each row from its own stretch of the range, then single rows.
 template <long M, typename T>
 void panel(const Activations& a, long m0, const T* w, const void* scales, void* y, bool act_bf16, long N, long K,
-           long n_begin, long n_end) {
+           long n_begin, long n_end, bool spread) {
     constexpr long R = block_rows<T>(M);
-    long n = n_begin;
-    for (; n + R <= n_end; n += R) rows<M, R, T>(a, m0, w + (n - n_begin) * row_elems<T>(K), scales, y, act_bf16, N, K, n);
-    for (; n < n_end; n++) rows<M, 1, T>(a, m0, w + (n - n_begin) * row_elems<T>(K), scales, y, act_bf16, N, K, n);
+    const long blocks = (n_end - n_begin) / R, apart = spread ? blocks : 1, next = spread ? 1 : R;
+    for (long i = 0; i < blocks; i++) {
+        const Block b{n_begin + i * next, apart, next};
+        rows<M, R, T>(a, m0, w + (b.n0 - n_begin) * row_elems<T>(K), b, scales, y, act_bf16, N, K);
+    }
+    for (long n = n_begin + blocks * R; n < n_end; n++)
+        rows<M, 1, T>(a, m0, w + (n - n_begin) * row_elems<T>(K), Block{n, 1, 1}, scales, y, act_bf16, N, K);
 }
 
 template <typename T>
 void panel_of(long M, const Activations& a, long m0, const T* w, const void* scales, void* y, bool act_bf16, long N,
-              long K, long n_begin, long n_end) {
+              long K, long n_begin, long n_end, bool spread = false) {
     switch (M) {
-        case 1: return panel<1>(a, m0, w, scales, y, act_bf16, N, K, n_begin, n_end);
-        case 2: return panel<2>(a, m0, w, scales, y, act_bf16, N, K, n_begin, n_end);
-        case 3: return panel<3>(a, m0, w, scales, y, act_bf16, N, K, n_begin, n_end);
-        case 4: return panel<4>(a, m0, w, scales, y, act_bf16, N, K, n_begin, n_end);
-        case 5: return panel<5>(a, m0, w, scales, y, act_bf16, N, K, n_begin, n_end);
-        case 6: return panel<6>(a, m0, w, scales, y, act_bf16, N, K, n_begin, n_end);
-        case 7: return panel<7>(a, m0, w, scales, y, act_bf16, N, K, n_begin, n_end);
-        default: return panel<8>(a, m0, w, scales, y, act_bf16, N, K, n_begin, n_end);
+        case 1: return panel<1>(a, m0, w, scales, y, act_bf16, N, K, n_begin, n_end, spread);
+        case 2: return panel<2>(a, m0, w, scales, y, act_bf16, N, K, n_begin, n_end, spread);
+        case 3: return panel<3>(a, m0, w, scales, y, act_bf16, N, K, n_begin, n_end, spread);
+        case 4: return panel<4>(a, m0, w, scales, y, act_bf16, N, K, n_begin, n_end, spread);
+        case 5: return panel<5>(a, m0, w, scales, y, act_bf16, N, K, n_begin, n_end, spread);
+        case 6: return panel<6>(a, m0, w, scales, y, act_bf16, N, K, n_begin, n_end, spread);
+        case 7: return panel<7>(a, m0, w, scales, y, act_bf16, N, K, n_begin, n_end, spread);
+        default: return panel<8>(a, m0, w, scales, y, act_bf16, N, K, n_begin, n_end, spread);
     }
 }
 
@@ -643,19 +654,30 @@ constexpr long TILE_ROWS = REGISTERS >= 32 ? 8 : 6, PANEL_BYTES = 128 << 10;
 constexpr long DECODE_TILE = REGISTERS >= 32 ? MAX_ROWS : 6;
 
 // y (M, N) = x (M, K) W^T for the weight type T (int4: with K a multiple of 64 and of `group`, a divisor of QBLOCK).
-// Up to MAX_ROWS rows (a decode step) take every row at once, so each weight is read once, in blocks of rows shared
-// out among the OpenMP threads (PyTorch's own pool: same libgomp). More rows go in tiles of TILE_ROWS over panels of
-// weights that stay in cache, bf16 ones widened to fp32 once per panel rather than once per tile.
+// Up to MAX_ROWS rows (a decode step) take every row at once, so each weight is read once: up to DECODE_TILE rows with
+// each OpenMP thread (PyTorch's own pool: same libgomp) streaming an equal share of W in spread blocks, whose R rows
+// read R long runs of memory at once (blocks of consecutive rows read R runs of one row each, which with short rows
+// leaves a third of the memory bandwidth unused); 7 or 8 rows in two halves over shared blocks. More rows go in tiles
+// of TILE_ROWS over panels of weights that stay in cache, bf16 ones widened to fp32 once per panel, not per tile.
 template <typename T>
 void matmul(const void* x, const T* w, const void* scales, void* y, int act_bf16, long M, long N, long K,
            long group = 0) {
     thread_local Activations kept;  // between calls: allocating and zeroing it each time costs as much as filling it
     Activations& a = kept;  // the calling thread's, which the threads of the loop below share (not their own `kept`)
     convert_activations<T>(x, act_bf16, M, K, group, a);
+    if (M <= DECODE_TILE) {  // a decode step in one tile: each thread streams an equal share of W in spread blocks
+        const long shares = max_threads();
+#pragma omp parallel for schedule(static)
+        for (long s = 0; s < shares; s++) {
+            const long n_begin = N * s / shares, n_end = N * (s + 1) / shares;
+            panel_of(M, a, 0, w + n_begin * row_elems<T>(K), scales, y, act_bf16, N, K, n_begin, n_end, true);
+        }
+        return;
+    }
     const bool decode = M <= MAX_ROWS;
-    const long tile = !decode ? TILE_ROWS : M <= DECODE_TILE ? M : (M + 1) / 2;
-    const long step = !decode ? std::max(8L, PANEL_BYTES / (row_elems<T>(K) * long(sizeof(T))) / 8 * 8)
-                      : M <= DECODE_TILE ? block_rows<T>(M) : 4 * block_rows<T>(tile);
+    const long tile = decode ? (M + 1) / 2 : TILE_ROWS;
+    const long step = decode ? 4 * block_rows<T>(tile)
+                             : std::max(8L, PANEL_BYTES / (row_elems<T>(K) * long(sizeof(T))) / 8 * 8);
 #pragma omp parallel for schedule(static)
     for (long p = 0; p < (N + step - 1) / step; p++) {
         const long n_begin = p * step, n_end = std::min(N, n_begin + step);
