@@ -139,6 +139,8 @@ def test_cpu_decode_engine_matches_the_model(build, config, dtype, quantize):
             engine(tokens[:, :2], start)
         with pytest.raises(RuntimeError, match="a position is outside the cache"):
             engine(step, torch.tensor([11, 7, 64]))
+        with pytest.raises(RuntimeError, match="a token id is outside the vocabulary"):
+            engine(torch.tensor([[3], [model.params.vocab_size], [5]]), start)
 
 
 @needs_kernels

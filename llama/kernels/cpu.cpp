@@ -736,6 +736,29 @@ inline F exp_nonpositive(F x) {
     return times_pow2(p, n);
 }
 
+// gated (B, hidden) = silu(gate) * up from w13's output (B, 2 hidden), each row's gates then its ups, in the
+// activation dtype A with silu's output rounded to it, as F.silu's is: silu(g) = g / (1 + e^-g), or g e^g / (1 + e^g)
+// for g < 0, so that exp only ever sees -|g|.
+template <typename A>
+void swiglu(const A* w13_out, A* gated, long B, long hidden) {
+    thread_local std::vector<float> exps;  // e^-|g| for a row's gates
+    exps.resize(hidden);
+    const long k_end = hidden - hidden % LANES;
+    for (long b = 0; b < B; b++) {
+        const A* gates = w13_out + b * 2 * hidden;
+        const A* ups = gates + hidden;
+        for (long k = 0; k < k_end; k += LANES)
+            store(exps.data() + k, exp_nonpositive(sub(zeros(), magnitude(load(gates + k)))));
+        for (long k = k_end; k < hidden; k++) exps[k] = std::exp(-std::fabs(to_float(gates[k])));
+        for (long k = 0; k < hidden; k++) {
+            const float g = to_float(gates[k]), e = exps[k];
+            A silu;
+            assign(silu, (g >= 0 ? g : g * e) / (1.0f + e));
+            assign(gated[b * hidden + k], to_float(silu) * to_float(ups[k]));
+        }
+    }
+}
+
 inline long round_up(long n, long multiple) { return (n + multiple - 1) / multiple * multiple; }
 
 // attend() for a head size D that is a multiple of LANES. The cache is read LANES positions at a time into a block of
@@ -852,8 +875,21 @@ struct LayerTensors {
     void* cache_v;
 };
 
+// The tensors outside the blocks: the token embedding (vocab_size, dim); the rotary embedding's (cos, sin) for every
+// position (max_seq_len, head_dim / 2, 2), fp32; the final norm's weight; the output linear (vocab_size, dim), of the
+// blocks' linears' kind (scales null for bf16 weights). All but the rotations in the activation dtype.
+struct ModelTensors {
+    const LayerTensors* layers;
+    const void* embedding;
+    const float* rotations;
+    const void* norm;
+    const void* output;
+    const void* output_scales;
+};
+
 // The sizes shared by every block of a model (on this process).
 struct ModelShape {
+    long vocab_size;
     long n_layers;
     long dim;
     long n_heads;
@@ -963,45 +999,63 @@ const char* llama_decode_attention(const void* qkv, void* cache_k, void* cache_v
     return nullptr;
 }
 
-// One decode step through all of a model's blocks on one process, h (B, dim) updated in place: for each block,
-// h += wo(attention(rms_norm(h))), then h += w2(silu(w1 x) * w3 x) with x = rms_norm(h), rounding where PyTorch's
-// ops would (each op's output in the activation dtype). Sequences, positions, rows and rotation are as
-// llama_decode_attention takes them; int4 weights are in groups of shape->int4_group.
-const char* llama_decode_layers(const LayerTensors* layers, const ModelShape* shape, void* h, const float* rotation,
-                                const long* positions, const long* rows, long B) {
+// One decode step of a one-process model, as Transformer.forward computes it for tokens (B, 1): token b at position
+// positions[b], in row rows[b] of the caches (row b when rows is null) -> fp32 logits (B, vocab_size). Between the
+// embedding and the final norm and output linear, each block does h += wo(attention(rms_norm(h))), then
+// h += w2(silu(w1 x) * w3 x) with x = rms_norm(h), rounding where PyTorch's ops would (each op's output in the
+// activation dtype); int4 weights are in groups of shape->int4_group.
+const char* llama_decode_step(const ModelTensors* model, const ModelShape* shape, const long* tokens,
+                              const long* positions, const long* rows, long B, float* logits) {
     if (B < 1) return "decode step: no sequences";
     const ModelShape& m = *shape;
+    for (long b = 0; b < B; b++) {  // before anything is read at them
+        if (tokens[b] < 0 || tokens[b] >= m.vocab_size) return "decode step: a token id is outside the vocabulary";
+        if (positions[b] < 0 || positions[b] >= m.max_seq_len) return "decode step: a position is outside the cache";
+    }
     const bool act_bf16 = m.act_bf16;
     const long size = act_bf16 ? 2 : 4, H = m.n_heads, D = m.head_dim, qkv_features = (H + 2 * m.n_kv_heads) * D;
-    std::vector<char> normed(B * m.dim * size), qkv(B * qkv_features * size), attended(B * H * D * size),
-        projected(B * m.dim * size), up(B * 2 * m.hidden * size), gated(B * m.hidden * size);
+    std::vector<char> h(B * m.dim * size), normed(B * m.dim * size), qkv(B * qkv_features * size),
+        attended(B * H * D * size), projected(B * m.dim * size), up(B * 2 * m.hidden * size),
+        gated(B * m.hidden * size);
+    std::vector<float> rotation(B * D);  // each sequence's row of the rotations
+    for (long b = 0; b < B; b++) {
+        std::memcpy(h.data() + b * m.dim * size, static_cast<const char*>(model->embedding) + tokens[b] * m.dim * size,
+                    m.dim * size);
+        std::memcpy(rotation.data() + b * D, model->rotations + positions[b] * D, D * sizeof(float));
+    }
     auto add_to_h = [&]() {  // the residual connection
         for (long i = 0; i < B * m.dim; i++)
-            store_act(h, act_bf16, i, load_act(h, act_bf16, i) + load_act(projected.data(), act_bf16, i));
+            store_act(h.data(), act_bf16, i, load_act(h.data(), act_bf16, i) + load_act(projected.data(), act_bf16, i));
     };
-    auto round_act = [&](float v) { return act_bf16 ? bf16_to_float(float_to_bf16(v)) : v; };
     for (long l = 0; l < m.n_layers; l++) {
-        const LayerTensors& t = layers[l];
-        llama_rms_norm(h, t.attention_norm, normed.data(), act_bf16, B, m.dim, m.eps);
+        const LayerTensors& t = model->layers[l];
+        llama_rms_norm(h.data(), t.attention_norm, normed.data(), act_bf16, B, m.dim, m.eps);
         linear(normed.data(), t.wqkv, t.wqkv_scales, m.int4_group, qkv.data(), act_bf16, B, qkv_features, m.dim);
-        const char* error = llama_decode_attention(qkv.data(), t.cache_k, t.cache_v, rotation, positions, rows,
+        const char* error = llama_decode_attention(qkv.data(), t.cache_k, t.cache_v, rotation.data(), positions, rows,
                                                    attended.data(), act_bf16, B, H, m.n_kv_heads, D, m.max_batch,
                                                    m.max_seq_len);
         if (error != nullptr) return error;
         linear(attended.data(), t.wo, t.wo_scales, m.int4_group, projected.data(), act_bf16, B, m.dim, H * D);
         add_to_h();
-        llama_rms_norm(h, t.ffn_norm, normed.data(), act_bf16, B, m.dim, m.eps);
+        llama_rms_norm(h.data(), t.ffn_norm, normed.data(), act_bf16, B, m.dim, m.eps);
         linear(normed.data(), t.w13, t.w13_scales, m.int4_group, up.data(), act_bf16, B, 2 * m.hidden, m.dim);
-        for (long b = 0; b < B; b++)
-            for (long i = 0; i < m.hidden; i++) {
-                const float gate = load_act(up.data(), act_bf16, b * 2 * m.hidden + i);
-                const float silu = round_act(gate / (1.0f + std::exp(-gate)));
-                store_act(gated.data(), act_bf16, b * m.hidden + i,
-                          silu * load_act(up.data(), act_bf16, b * 2 * m.hidden + m.hidden + i));
-            }
+        if (act_bf16)
+            swiglu(reinterpret_cast<const uint16_t*>(up.data()), reinterpret_cast<uint16_t*>(gated.data()), B, m.hidden);
+        else
+            swiglu(reinterpret_cast<const float*>(up.data()), reinterpret_cast<float*>(gated.data()), B, m.hidden);
         linear(gated.data(), t.w2, t.w2_scales, m.int4_group, projected.data(), act_bf16, B, m.dim, m.hidden);
         add_to_h();
     }
+    llama_rms_norm(h.data(), model->norm, normed.data(), act_bf16, B, m.dim, m.eps);
+    if (!act_bf16) {
+        linear(normed.data(), model->output, model->output_scales, m.int4_group, logits, act_bf16, B, m.vocab_size, m.dim);
+        return nullptr;
+    }
+    thread_local std::vector<uint16_t> out;  // kept: a batch's logits are too many to allocate and zero each step
+    out.resize(B * m.vocab_size);
+    linear(normed.data(), model->output, model->output_scales, m.int4_group, out.data(), act_bf16, B, m.vocab_size,
+           m.dim);
+    for (long i = 0; i < B * m.vocab_size; i++) logits[i] = bf16_to_float(out[i]);
     return nullptr;
 }
 }
