@@ -165,12 +165,13 @@ BUILDS = {
     "x86_64": {"avx512": ("-march=skylake-avx512", {"avx512f", "avx512bw", "avx512vl"}),
                "avx2": ("-march=haswell", {"avx2", "fma", "f16c"}),
                "portable": ("-march=x86-64", set())},
-    "aarch64": {"neon": ("-march=armv8-a", set()), "portable": ("-march=armv8-a+nosimd", set())},
+    "aarch64": {"neon-dotprod": ("-march=armv8.2-a+dotprod", {"asimddp"}), "neon": ("-march=armv8-a", set()),
+                "portable": ("-march=armv8-a+nosimd", set())},
 }
 
 
 @needs_kernels
-@pytest.mark.parametrize("isa", ["avx512", "avx2", "neon", "portable"])
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "neon-dotprod", "neon", "portable"])
 def test_every_build_this_cpu_runs_passes_these_tests(isa, tmp_path):
     builds = BUILDS.get(platform.machine(), {})
     if isa not in builds:
@@ -209,11 +210,15 @@ def test_kernels_check_passes_on_this_cpu(tmp_path):
     assert run_kernels_check([compiler, "-O2", "-march=native"], [], tmp_path).endswith(", 0 failed")
 
 
-def test_neon_build_passes_kernels_check_under_qemu(tmp_path):
+@pytest.mark.parametrize("isa", ["neon-dotprod", "neon"])
+def test_neon_builds_pass_kernels_check_under_qemu(isa, tmp_path):
+    """Both NEON builds, with the dot-product extension (int8 and int4 through sdot) and without (smlal), cross-compiled
+    and run under qemu-aarch64, whose default CPU has every extension."""
     if platform.machine() == "aarch64":
-        pytest.skip("an ARM machine runs the NEON build natively in the tests above")
+        pytest.skip("an ARM machine runs the NEON builds natively in the tests above")
     compiler, qemu = shutil.which("aarch64-linux-gnu-g++"), shutil.which("qemu-aarch64")
     if compiler is None or qemu is None:
         pytest.skip("needs Debian's g++-aarch64-linux-gnu and qemu-user (.ci/run installs them)")
-    last = run_kernels_check([compiler, "-O2", "-march=armv8-a", "-static"], [qemu], tmp_path)
-    assert last.startswith("neon: ") and last.endswith(", 0 failed")
+    march = BUILDS["aarch64"][isa][0]
+    last = run_kernels_check([compiler, "-O2", march, "-static"], [qemu], tmp_path)
+    assert last.startswith(f"{isa}: ") and last.endswith(", 0 failed")

@@ -6,8 +6,9 @@
 //   weight is read from memory once and widened in registers, so the loop runs at memory bandwidth; oneDNN instead
 //   emulates bf16 on CPUs without native bf16 math, and PyTorch's int8 kernel streams well below bandwidth. For int8
 //   and int4 weights the activations are rounded to int16, with one fp32 scale per QBLOCK of each row, and multiplied
-//   by the weights as exact integer dot products of pairs (vpmaddwd, vpdpwssd, smlal): half the instructions of
-//   widening every weight to fp32. The rounding is at most 2^-16 of the block's largest activation, far below the int8
+//   by the weights as exact integer dot products (vpmaddwd, vpdpwssd, smlal; sdot, on ARM with the dot-product
+//   extension, of the activations split in three int8 planes): half the instructions of widening every weight to
+//   fp32 or fewer. The rounding is at most 2^-16 of the block's largest activation, far below the int8
 //   weights' own (2^-8 of the row's largest weight). (int8 activations, as llama.cpp's q8_0 takes them, would cost
 //   about as many instructions per weight on AVX2 (vpmaddubsw needs its operands' signs moved first) for 128 times
 //   the rounding.)
@@ -97,10 +98,11 @@ inline long max_threads() {
 // even, NaN kept), add, sub, mul, mul_add (a b + c), maximum, magnitude, sum_of and max_of (over the lanes),
 // round_even, times_pow2 (p 2^n for integral n <= 0; 0 where that is below 2^-126), sum_lanes (lane j = the sum of
 // v[j]'s lanes, for LANES vectors v).
-// I16 (2 LANES int16) and I32 (LANES int32): int_zeros, load from int16_t*, load from int8_t* (2 LANES widened),
-// load_nibbles (2 LANES bytes: low and high nibbles as int16), dot_pairs (acc + products of x and w, summed into
-// int32 lanes two or four at a time: only the sum over all lanes is used), in_lane0, int_sub, to_float,
-// store_rounded (LANES floats to int16, to nearest even).
+// I32 (int32 lanes), QX and QW (QSTEP activations and weights, as they meet in dot_pairs): int_zeros, load_q (QSTEP
+// int16 activations, below), load from int8_t* (QSTEP weights), load_nibbles (QSTEP bytes: low and high nibbles),
+// dot_pairs (acc + products of x and w, summed into int32 lanes two or four at a time: only the sum over all lanes
+// is used), in_lane0, int_sub, to_float, store_rounded (LANES floats to int16, to nearest even). QX and QW are I16
+// (2 LANES int16, QSTEP = 2 LANES) but where LLAMA_SPLIT_ACTIVATIONS splits the activations into int8 planes.
 
 #if defined(LLAMA_AVX512)
 constexpr const char* ISA = "avx512";
@@ -250,11 +252,8 @@ inline void store_rounded(int16_t* q, F v) {
 }
 
 #elif defined(LLAMA_NEON)
-constexpr const char* ISA = "neon";
 constexpr long LANES = 4, REGISTERS = 32;
 using F = float32x4_t;
-using I16 = int16x8_t;
-using I32 = int32x4_t;
 
 inline F zeros() { return vdupq_n_f32(0.0f); }
 inline F splat(float v) { return vdupq_n_f32(v); }
@@ -281,6 +280,46 @@ inline F times_pow2(F p, F n) {  // 2^n built in the exponent bits; n = -127 giv
     return vmulq_f32(p, vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(e, vdupq_n_s32(127)), 23)));
 }
 inline F sum_lanes(const F v[4]) { return vpaddq_f32(vpaddq_f32(v[0], v[1]), vpaddq_f32(v[2], v[3])); }
+inline void store_rounded(int16_t* q, F v) { vst1_s16(q, vqmovn_s32(vcvtnq_s32_f32(v))); }
+
+#ifdef __ARM_FEATURE_DOTPROD
+// With the dot-product extension, int8 and int4 weights meet the int16 activations through sdot (four int8 products
+// summed into each int32 lane): each activation v = 16384 high + 128 middle + low, with high in -2..1 and middle and
+// low in 0..127, is split once per call into three int8 planes that each meet the weights as loaded, in their own
+// int32 lanes, joined exactly by to_float. Three sdot per 16 weights, against two widenings and four smlal.
+#define LLAMA_SPLIT_ACTIVATIONS 1
+constexpr const char* ISA = "neon-dotprod";
+constexpr long QSTEP = 16;
+struct I32 {
+    int32x4_t high, middle, low;
+};
+struct QX {  // QSTEP activations' three planes
+    int8x16_t high, middle, low;
+};
+using QW = int8x16_t;
+
+inline I32 int_zeros() { return {vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0)}; }
+inline QX load_split(const int8_t* p) { return {vld1q_s8(p), vld1q_s8(p + 16), vld1q_s8(p + 32)}; }
+inline QW load(const int8_t* p) { return vld1q_s8(p); }
+inline void load_nibbles(const uint8_t* p, QW& low, QW& high) {
+    const uint8x16_t pairs = vld1q_u8(p);
+    low = vreinterpretq_s8_u8(vandq_u8(pairs, vdupq_n_u8(15)));
+    high = vreinterpretq_s8_u8(vshrq_n_u8(pairs, 4));
+}
+inline I32 dot_pairs(I32 acc, QX x, QW w) {
+    return {vdotq_s32(acc.high, x.high, w), vdotq_s32(acc.middle, x.middle, w), vdotq_s32(acc.low, x.low, w)};
+}
+inline I32 in_lane0(int32_t v) { return {vdupq_n_s32(0), vdupq_n_s32(0), vsetq_lane_s32(v, vdupq_n_s32(0), 0)}; }
+inline I32 int_sub(I32 a, I32 b) {
+    return {vsubq_s32(a.high, b.high), vsubq_s32(a.middle, b.middle), vsubq_s32(a.low, b.low)};
+}
+inline F to_float(I32 v) {
+    return vcvtq_f32_s32(vaddq_s32(vshlq_n_s32(v.high, 14), vaddq_s32(vshlq_n_s32(v.middle, 7), v.low)));
+}
+#else
+constexpr const char* ISA = "neon";
+using I16 = int16x8_t;
+using I32 = int32x4_t;
 
 inline I32 int_zeros() { return vdupq_n_s32(0); }
 inline I16 load(const int16_t* p) { return vld1q_s16(p); }
@@ -296,7 +335,7 @@ inline I32 dot_pairs(I32 acc, I16 x, I16 w) {
 inline I32 in_lane0(int32_t v) { return vsetq_lane_s32(v, vdupq_n_s32(0), 0); }
 inline I32 int_sub(I32 a, I32 b) { return vsubq_s32(a, b); }
 inline F to_float(I32 v) { return vcvtq_f32_s32(v); }
-inline void store_rounded(int16_t* q, F v) { vst1_s16(q, vqmovn_s32(vcvtnq_s32_f32(v))); }
+#endif
 
 #else
 // Portable loops over GCC/Clang vector types, which the compiler maps to whatever vector unit -march names.
@@ -388,6 +427,15 @@ inline void store_rounded(int16_t* q, F v) {
 }
 #endif
 
+#ifndef LLAMA_SPLIT_ACTIVATIONS
+constexpr long QSTEP = 2 * LANES;  // int8 or int4 weights per dot_pairs
+using QX = I16;                    // as dot_pairs takes the activations
+using QW = I16;                    // and the weights
+#endif
+// Whether the matmuls' blocks and tiles may take 8 rows of x: 32 vector registers, and int32 accumulators of one
+// register each (not the three of split activations).
+constexpr bool EIGHT_ROWS = REGISTERS >= 32 && sizeof(I32) == sizeof(F);
+
 // ---- Matmuls ------------------------------------------------------------------------------------------------------
 
 // int4 weights: each row's K codes (0..15) two to a byte, in runs of 64 codes stored in 32 bytes, byte i holding
@@ -405,6 +453,7 @@ struct Activations {
     std::vector<float> x;
     std::vector<int16_t> q;
     std::vector<float> scale;
+    std::vector<int8_t> planes;  // with LLAMA_SPLIT_ACTIVATIONS: q's high, middle and low planes, QSTEP of each in turn
     long blocks = 0;
     long group = 0;
     std::vector<float> sums;
@@ -416,6 +465,15 @@ struct Activations {
 template <typename T>
 constexpr long vector_width() {
     return std::is_same<T, Nibbles>::value ? 64 : std::is_same<T, int8_t>::value ? 32 : 16;
+}
+
+// The activations of QSTEP columns from element i of a.q on, as dot_pairs takes them.
+inline QX load_q(const Activations& a, long i) {
+#ifdef LLAMA_SPLIT_ACTIVATIONS
+    return load_split(a.planes.data() + 3 * i);
+#else
+    return load(a.q.data() + i);
+#endif
 }
 
 // Whether the weights meet int16 activations (int8 and int4) or fp32 ones (bf16, and bf16 widened to fp32).
@@ -478,12 +536,12 @@ inline void dot_block(const Activations& a, long m0, const int8_t* rows, const B
         I32 dots[M][R];
         for (long m = 0; m < M; m++)
             for (long r = 0; r < R; r++) dots[m][r] = int_zeros();
-        for (long k = k0; k < std::min(k0 + QBLOCK, k_end); k += 2 * LANES) {
+        for (long k = k0; k < std::min(k0 + QBLOCK, k_end); k += QSTEP) {
             prefetch_next<R>(rows, b, K, k);
-            I16 wv[R];
+            QW wv[R];
             for (long r = 0; r < R; r++) wv[r] = load(rows + r * b.apart * K + k);
             for (long m = 0; m < M; m++) {
-                const I16 xv = load(a.q.data() + (m0 + m) * K + k);
+                const QX xv = load_q(a, (m0 + m) * K + k);
                 for (long r = 0; r < R; r++) dots[m][r] = dot_pairs(dots[m][r], xv, wv[r]);
             }
         }
@@ -515,12 +573,12 @@ inline void dot_block(const Activations& a, long m0, const Nibbles* rows, const 
         for (long k = g * a.group; k < (g + 1) * a.group; k += 64) {
             prefetch_next<R>(rows, b, K, k / 2);
             for (long r = 0; r < R; r++)
-                for (long j = 0; j < 32; j += 2 * LANES) {  // codes k + j.. in the low nibbles, k + 32 + j.. in the high
-                    I16 low, high;
+                for (long j = 0; j < 32; j += QSTEP) {  // codes k + j.. in the low nibbles, k + 32 + j.. in the high
+                    QW low, high;
                     load_nibbles(bytes + r * b.apart * K / 2 + k / 2 + j, low, high);
                     for (long m = 0; m < M; m++) {
-                        const int16_t* x = a.q.data() + (m0 + m) * K + k + j;
-                        dots[m][r] = dot_pairs(dot_pairs(dots[m][r], load(x), low), load(x + 32), high);
+                        const long x = (m0 + m) * K + k + j;
+                        dots[m][r] = dot_pairs(dot_pairs(dots[m][r], load_q(a, x), low), load_q(a, x + 32), high);
                     }
                 }
         }
@@ -557,6 +615,19 @@ inline void round_to_int16(Activations& a, long M, long K, long k_end) {
             const F inverse = splat(largest > 0 ? 32767.0f / largest : 0.0f);
             for (long k = 0; k < len; k += LANES) store_rounded(q + k, mul(load(x + k), inverse));
         }
+#ifdef LLAMA_SPLIT_ACTIVATIONS
+    a.planes.resize(3 * M * K);
+    for (long m = 0; m < M; m++)
+        for (long k0 = 0; k0 < k_end; k0 += QSTEP) {
+            const int16_t* q = a.q.data() + m * K + k0;
+            int8_t* plane = a.planes.data() + 3 * (m * K + k0);
+            for (long i = 0; i < QSTEP; i++) {
+                plane[i] = int8_t(q[i] >> 14);
+                plane[QSTEP + i] = int8_t((q[i] >> 7) & 127);
+                plane[2 * QSTEP + i] = int8_t(q[i] & 127);
+            }
+        }
+#endif
 }
 
 inline float widen(uint16_t w) { return bf16_to_float(w); }
@@ -589,7 +660,8 @@ inline void rows(const Activations& a, long m0, const T* w_rows, const Block& b,
 template <typename T>
 constexpr long block_rows(long M) {
     if (REGISTERS >= 32) {
-        if (int16_activations<T>()) return M == 1 ? 8 : M <= 3 ? 4 : M <= 6 ? 2 : 1;
+        if (int16_activations<T>() && EIGHT_ROWS) return M == 1 ? 8 : M <= 3 ? 4 : M <= 6 ? 2 : 1;
+        if (int16_activations<T>()) return M == 1 ? 4 : M <= 3 ? 2 : 1;  // accumulators of three registers
         return M == 1 ? 8 : M <= 4 ? 4 : 2;
     }
     if (int16_activations<T>()) return M == 1 ? 4 : M <= 3 ? 2 : 1;
@@ -647,11 +719,11 @@ void convert_activations(const void* x, bool act_bf16, long M, long K, long grou
 
 // Rows of x per tile when there are more than a decode step's (a prompt's), and the bytes of weights one thread keeps
 // in its L2 cache while every tile passes over them: the weights are read from memory once, x from cache.
-constexpr long TILE_ROWS = REGISTERS >= 32 ? 8 : 6, PANEL_BYTES = 128 << 10;
-// The most rows of a decode step taken at once; with 16 registers, 7 or 8 rows go in two halves, each over the same
-// four blocks of weight rows in turn (the second half reads them from L1): fewer reads of x than one tile of 8 rows
-// with one weight row per block.
-constexpr long DECODE_TILE = REGISTERS >= 32 ? MAX_ROWS : 6;
+constexpr long TILE_ROWS = EIGHT_ROWS ? 8 : 6, PANEL_BYTES = 128 << 10;
+// The most rows of a decode step taken at once; where 8 do not fit, 7 or 8 rows go in two halves, each over the
+// same four blocks of weight rows in turn (the second half reads them from L1): fewer reads of x than one tile of 8
+// rows with one weight row per block.
+constexpr long DECODE_TILE = EIGHT_ROWS ? MAX_ROWS : 6;
 
 // y (M, N) = x (M, K) W^T for the weight type T (int4: with K a multiple of 64 and of `group`, a divisor of QBLOCK).
 // Up to MAX_ROWS rows (a decode step) take every row at once, so each weight is read once: up to DECODE_TILE rows with
