@@ -1112,7 +1112,8 @@ const char* llama_decode_step(const ModelTensors* model, const ModelShape* shape
         llama_rms_norm(h.data(), t.ffn_norm, normed.data(), act_bf16, B, m.dim, m.eps);
         linear(normed.data(), t.w13, t.w13_scales, m.int4_group, up.data(), act_bf16, B, 2 * m.hidden, m.dim);
         if (act_bf16)
-            swiglu(reinterpret_cast<const uint16_t*>(up.data()), reinterpret_cast<uint16_t*>(gated.data()), B, m.hidden);
+            swiglu(reinterpret_cast<const uint16_t*>(up.data()), reinterpret_cast<uint16_t*>(gated.data()), B,
+                   m.hidden);
         else
             swiglu(reinterpret_cast<const float*>(up.data()), reinterpret_cast<float*>(gated.data()), B, m.hidden);
         linear(gated.data(), t.w2, t.w2_scales, m.int4_group, projected.data(), act_bf16, B, m.dim, m.hidden);
@@ -1120,7 +1121,8 @@ const char* llama_decode_step(const ModelTensors* model, const ModelShape* shape
     }
     llama_rms_norm(h.data(), model->norm, normed.data(), act_bf16, B, m.dim, m.eps);
     if (!act_bf16) {
-        linear(normed.data(), model->output, model->output_scales, m.int4_group, logits, act_bf16, B, m.vocab_size, m.dim);
+        linear(normed.data(), model->output, model->output_scales, m.int4_group, logits, act_bf16, B, m.vocab_size,
+               m.dim);
         return nullptr;
     }
     thread_local std::vector<uint16_t> out;  // kept: a batch's logits are too many to allocate and zero each step
