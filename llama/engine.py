@@ -6,7 +6,7 @@ beside the model: `Llama` makes it once, when the model is built, and it holds e
 `LayerTensors` structs, the others in a `ModelTensors` and the model's sizes in a `ModelShape`, checked once. It keeps
 those very tensors (not copies), so weights changed in place are seen, and they live as long as the engine; new KV
 caches (`setup_caches` again) need a new engine, and a step refuses to run on replaced ones. The one thing it
-computes for itself is the rotary embedding of every position, once.
+computes for itself is the rotary embedding of every position, once (4 head_dim bytes per position of the caches).
 """
 
 import ctypes
