@@ -750,8 +750,7 @@ void matmul(const void* x, const T* w, const void* scales, void* y, int act_bf16
     const long tile = decode ? (M + 1) / 2 : TILE_ROWS;
     const long step = decode ? 4 * block_rows<T>(tile)
                              : std::max(8L, PANEL_BYTES / (row_elems<T>(K) * long(sizeof(T))) / 8 * 8);
-#pragma omp parallel for schedule(static)
-    for (long p = 0; p < (N + step - 1) / step; p++) {
+    auto run_panel = [&](long p) {  // W's rows p step.. for every row of x
         const long n_begin = p * step, n_end = std::min(N, n_begin + step);
         const T* panel_w = w + n_begin * row_elems<T>(K);
         if constexpr (std::is_same<T, uint16_t>::value) {
@@ -761,11 +760,19 @@ void matmul(const void* x, const T* w, const void* scales, void* y, int act_bf16
                 for (long i = 0; i < (n_end - n_begin) * K; i++) widened[i] = bf16_to_float(panel_w[i]);
                 for (long m0 = 0; m0 < M; m0 += tile)
                     panel_of(std::min(tile, M - m0), a, m0, widened.data(), scales, y, act_bf16, N, K, n_begin, n_end);
-                continue;
+                return;
             }
         }
         for (long m0 = 0; m0 < M; m0 += tile)
             panel_of(std::min(tile, M - m0), a, m0, panel_w, scales, y, act_bf16, N, K, n_begin, n_end);
+    };
+    const long panels = (N + step - 1) / step;
+    if (decode) {  // streamed: each thread its own stretch of W
+#pragma omp parallel for schedule(static)
+        for (long p = 0; p < panels; p++) run_panel(p);
+    } else {  // compute-bound: each panel to the next free thread, so that a core slowed by other work holds none up
+#pragma omp parallel for schedule(dynamic)
+        for (long p = 0; p < panels; p++) run_panel(p);
     }
 }
 
