@@ -1,6 +1,7 @@
 """Our CPU decoding against llama.cpp built for the same ISA, in the same run (issue 17).
 
-    python benchmarks/bench_llamacpp.py --shapes 134m,1.1b --isa avx2 [--threads 2] [--repeats 2] [--json_path out.json]
+    python benchmarks/bench_llamacpp.py --shapes 134m,1.1b --isa avx2 [--threads 2] [--repeats 2] [--norepack]
+                                        [--json_path out.json]
     python benchmarks/bench_llamacpp.py build --isa native       # only build llama.cpp
 
 For each named random shape of bench_generate.py: ours bf16 against llama.cpp's bf16 GGUF, and ours int8 against
@@ -12,11 +13,18 @@ then the best of its two samples) and `llama-batched-bench -npp 16 -ntg 32 -npl 
 
 llama.cpp is built from the llama-cpp-python sdist (downloaded with pip into ~/.cache/llama if no --sdist is given)
 into ~/.cache/llama/llama.cpp-<commit>-<isa>, once. --isa avx2 builds it with GGML_NATIVE=OFF and AVX, AVX2, FMA,
-F16C, BMI2 and SSE4.2 only (every AVX-512, AVX-VNNI and AMX option off), and ours with LLAMA_KERNEL_FLAGS=
-"-O3 -march=haswell -mtune=haswell -fopenmp"; the build is checked to hold no AVX-512 instruction (no zmm register in
-`objdump -d` of its libraries and programs; 0 for llama.cpp 0c1e570 from llama-cpp-python 0.3.36). --isa native
-builds both with -march=native. GGUFs are made from our checkpoint with `python -m llama.convert to_hf`, llama.cpp's
-convert_hf_to_gguf.py (--outtype bf16) and llama-quantize (q8_0), and cached in --work_dir.
+F16C, BMI2 and SSE4.2 only (every AVX-512, AVX-VNNI and AMX option off), and runs ours with LLAMA_KERNEL_FLAGS=
+"-O3 -march=haswell -mtune=haswell -fopenmp" and PyTorch held to AVX2 for the long prompts ours hands to its GEMM
+(ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2, MKL_ENABLE_INSTRUCTIONS=AVX2); llama.cpp's build is checked to
+hold no AVX-512 instruction (no zmm register in `objdump -d` of its libraries and programs; 0 for llama.cpp 0c1e570
+from llama-cpp-python 0.3.36). --isa native builds both with -march=native. GGUFs are made from our checkpoint with
+`python -m llama.convert to_hf`, llama.cpp's convert_hf_to_gguf.py (--outtype bf16) and llama-quantize (q8_0), and
+cached in --work_dir.
+
+--norepack runs llama.cpp with `--repack 0` (llama-bench) and `--no-repack` (llama-batched-bench): on x86 that turns
+off only its AMX buffers (it repacks q8_0 and bf16 for nothing else there), whose int8 kernels fault on CPUs that
+report AMX but where its tile setup fails (SIGILL at `tileloadd` on the 2-core Sapphire Rapids VM of
+docs/performance.md, where oneDNN's AMX runs): llama.cpp then runs its AVX-512 VNNI and AVX512-BF16 code.
 """
 
 import glob
@@ -44,6 +52,9 @@ ISA_FLAGS = {
              "-DGGML_AMX_BF16=OFF"],
 }
 KERNEL_FLAGS = {"native": None, "avx2": "-O3 -march=haswell -mtune=haswell -fopenmp"}  # LLAMA_KERNEL_FLAGS of ours
+# and PyTorch's own limits (its kernels, oneDNN's, MKL's), for the prompts that ours hands to PyTorch's GEMM
+TORCH_ISA_ENV = {"native": {}, "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                                        "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
 METRICS = ("prefill_tok_s", "decode_b1_tok_s", "decode_b8_tok_s")
 
 
@@ -107,14 +118,15 @@ def gguf_files(shape: str, work_dir: str, bin_dir: str, src: str) -> dict:
     return paths
 
 
-def run_llama_cpp(bin_dir: str, gguf: str, threads: int) -> dict:
+def run_llama_cpp(bin_dir: str, gguf: str, threads: int, repack: bool) -> dict:
     """llama.cpp's figures for one GGUF, with the build it reports."""
     runs = json.loads(sh([os.path.join(bin_dir, "llama-bench"), "-m", gguf, "-t", str(threads), "-p", "512",
-                          "-n", "32", "-r", "2", "-o", "json"]))
+                          "-n", "32", "-r", "2", "-o", "json", "--repack", str(int(repack))]))
     pp = next(r for r in runs if r["n_prompt"] == 512)
     tg = next(r for r in runs if r["n_gen"] == 32)
     out = sh([os.path.join(bin_dir, "llama-batched-bench"), "-m", gguf, "-t", str(threads), "-c", "1024",
-              "-npp", "16", "-ntg", "32", "-npl", "8,8,8", "--output-format", "jsonl"])
+              "-npp", "16", "-ntg", "32", "-npl", "8,8,8", "--output-format", "jsonl",
+              *([] if repack else ["--no-repack"])])
     batched = [json.loads(line) for line in out.splitlines() if line.startswith('{"n_kv_max"')]
     return {"prefill_tok_s": max(pp["samples_ts"]), "decode_b1_tok_s": max(tg["samples_ts"]),
             "decode_b8_tok_s": max(r["speed_tg"] for r in batched[1:]),
@@ -125,6 +137,7 @@ def run_ours(ckpt_dir: str, tokenizer_path: str, isa: str, threads: int, build_k
     """bench_generate.py's engine subprocess for our generator, with our kernels compiled for isa."""
     env = {k: v for k, v in os.environ.items() if k != "LLAMA_KERNEL_FLAGS"}
     env["OMP_NUM_THREADS"] = str(threads)
+    env.update(TORCH_ISA_ENV[isa])
     if KERNEL_FLAGS[isa]:
         env["LLAMA_KERNEL_FLAGS"] = KERNEL_FLAGS[isa]
     out = sh([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_generate.py"),
@@ -140,21 +153,22 @@ def cpu_model() -> str:
 
 def main(shapes: str = "134m,1.1b", isa: str = "native", threads: int = 2, repeats: int = 1,
          work_dir: str = os.path.join(tempfile.gettempdir(), "llama-bench"), sdist: Optional[str] = None,
-         json_path: Optional[str] = None):
-    """Compare ours with llama.cpp on each of `shapes` (comma-separated names of bench_generate.SHAPES)."""
+         json_path: Optional[str] = None, repack: bool = True):
+    """Compare ours with llama.cpp on each of `shapes` (comma-separated names of bench_generate.SHAPES); --norepack
+    turns off llama.cpp's repacked weight layouts (its AMX ones on x86: see the module docstring)."""
     if isa not in ISA_FLAGS:
         raise ValueError(f"unknown isa {isa!r}; choose one of {sorted(ISA_FLAGS)}")
     names = shapes.split(",") if isinstance(shapes, str) else list(shapes)  # fire parses "a,b" as a tuple
     bin_dir = build(isa, sdist)
     src = llama_cpp_source(sdist)
-    report = {"isa": isa, "cpu": cpu_model(), "threads": threads, "repeats": repeats, "shapes": {}}
+    report = {"isa": isa, "cpu": cpu_model(), "threads": threads, "repeats": repeats, "repack": repack, "shapes": {}}
     for shape in names:
         ckpt_dir, tokenizer_path = named_checkpoint(shape, "bf16", work_dir)
         ggufs = gguf_files(shape, work_dir, bin_dir, src)
         rows = {"ours bf16": lambda: run_ours(ckpt_dir, tokenizer_path, isa, threads, {}),
-                "llama.cpp bf16": lambda: run_llama_cpp(bin_dir, ggufs["bf16"], threads),
+                "llama.cpp bf16": lambda: run_llama_cpp(bin_dir, ggufs["bf16"], threads, repack),
                 "ours int8": lambda: run_ours(ckpt_dir, tokenizer_path, isa, threads, {"quantize": "int8"}),
-                "llama.cpp q8_0": lambda: run_llama_cpp(bin_dir, ggufs["q8_0"], threads)}
+                "llama.cpp q8_0": lambda: run_llama_cpp(bin_dir, ggufs["q8_0"], threads, repack)}
         runs = {label: [] for label in rows}
         for _ in range(repeats):
             for label, run in rows.items():

@@ -45,8 +45,11 @@ class ParallelLinear(nn.Module):
 
 @functools.lru_cache(maxsize=None)
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); elsewhere oneDNN emulates it, and large
-    bf16 matmuls run several times slower than fp32 ones."""
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX) and PyTorch may use it (no
+    ATEN_CPU_CAPABILITY below AVX-512); elsewhere oneDNN emulates it, and large bf16 matmuls run several times slower
+    than fp32 ones."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return False
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line for line in f if line.startswith("flags")), "").split()
