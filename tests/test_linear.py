@@ -138,8 +138,8 @@ def test_cpu_decode_engine_matches_the_model(build, config, dtype, quantize):
     tokens = torch.randint(3, 500, (3, 12), generator=torch.Generator().manual_seed(4))
     start, rows = torch.tensor([11, 7, 9]), torch.tensor([2, 0, 1])
     step = tokens[torch.arange(3), start][:, None]
-    # Only SiLU's exp (C's, PyTorch's) may differ, by an ulp; before int8 or int4 weights an ulp can move an
-    # activation's int16 rounding by a step (seen with PyTorch's AVX-512 ops: 9e-5 on a Sapphire Rapids VM, int4).
+    # Only SiLU's exp (C's, PyTorch's) should differ, by an ulp; before int8 or int4 weights an ulp can move an
+    # activation's int16 rounding by a step: the likely cause of the 9e-5 seen with PyTorch's AVX-512 ops (int4).
     tol = dict(rtol=0, atol=(1e-5 if quantize is None else 2e-4) if dtype == "fp32" else 2e-2)
     with torch.inference_mode():
         model.forward(tokens, 0)
