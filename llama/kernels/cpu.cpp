@@ -94,10 +94,11 @@ inline long max_threads() {
 
 // ---- Vector primitives, one set per instruction set ----------------------------------------------------------------
 // ISA (its name), LANES (floats per vector F), REGISTERS (vector registers, which size the matmuls' blocks);
-// F: zeros, splat, load from float* or from bf16 (uint16_t*, widened), store to float* or to bf16 (rounded to nearest
-// even, NaN kept), add, sub, mul, mul_add (a b + c), maximum, magnitude, sum_of and max_of (over the lanes),
-// round_even, times_pow2 (p 2^n for integral n <= 0; 0 where that is below 2^-126), sum_lanes (lane j = the sum of
-// v[j]'s lanes, for LANES vectors v).
+// F: zeros, splat, load from float* or from bf16 (uint16_t*, widened), load_pair (2 LANES bf16 weights widened into
+// two vectors, in the order of pair_column below), store to float* or to bf16 (rounded to nearest even, NaN kept),
+// add, sub, mul, mul_add (a b + c), maximum, magnitude, sum_of and max_of (over the lanes), round_even, times_pow2
+// (p 2^n for integral n <= 0; 0 where that is below 2^-126), sum_lanes (lane j = the sum of v[j]'s lanes, for LANES
+// vectors v).
 // I32 (int32 lanes), QX and QW (QSTEP activations and weights, as they meet in dot_pairs): int_zeros, load_q (QSTEP
 // int16 activations, below), load from int8_t* (QSTEP weights), load_nibbles (QSTEP bytes: low and high nibbles),
 // dot_pairs (acc + products of x and w, summed into int32 lanes two or four at a time: only the sum over all lanes
@@ -116,6 +117,11 @@ inline F splat(float v) { return _mm512_set1_ps(v); }
 inline F load(const float* p) { return _mm512_loadu_ps(p); }
 inline F load(const uint16_t* p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+inline void load_pair(const uint16_t* p, F& first, F& second) {
+    const __m512i w = _mm512_loadu_si512(p);
+    first = _mm512_castsi512_ps(_mm512_unpacklo_epi16(_mm512_setzero_si512(), w));
+    second = _mm512_castsi512_ps(_mm512_unpackhi_epi16(_mm512_setzero_si512(), w));
 }
 inline void store(float* p, F v) { _mm512_storeu_ps(p, v); }
 inline void store(uint16_t* p, F v) {
@@ -192,6 +198,11 @@ inline F load(const float* p) { return _mm256_loadu_ps(p); }
 inline F load(const uint16_t* p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
 }
+inline void load_pair(const uint16_t* p, F& first, F& second) {
+    const __m256i w = _mm256_loadu_si256((const __m256i*)p);
+    first = _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), w));
+    second = _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), w));
+}
 inline void store(float* p, F v) { _mm256_storeu_ps(p, v); }
 inline void store(uint16_t* p, F v) {
     __m256i bits = _mm256_castps_si256(v);
@@ -259,6 +270,11 @@ inline F zeros() { return vdupq_n_f32(0.0f); }
 inline F splat(float v) { return vdupq_n_f32(v); }
 inline F load(const float* p) { return vld1q_f32(p); }
 inline F load(const uint16_t* p) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16)); }
+inline void load_pair(const uint16_t* p, F& first, F& second) {
+    const uint16x8_t w = vld1q_u16(p);
+    first = vreinterpretq_f32_u16(vzip1q_u16(vdupq_n_u16(0), w));
+    second = vreinterpretq_f32_u16(vzip2q_u16(vdupq_n_u16(0), w));
+}
 inline void store(float* p, F v) { vst1q_f32(p, v); }
 inline void store(uint16_t* p, F v) {
     uint32x4_t bits = vreinterpretq_u32_f32(v);
@@ -361,6 +377,12 @@ inline F load(const uint16_t* p) {
     for (int i = 0; i < 8; i++) v[i] = bf16_to_float(p[i]);
     return v;
 }
+inline void load_pair(const uint16_t* p, F& first, F& second) {
+    for (int i = 0; i < 8; i++) {
+        first[i] = bf16_to_float(p[i / 4 * 8 + i % 4]);
+        second[i] = bf16_to_float(p[i / 4 * 8 + 4 + i % 4]);
+    }
+}
 inline void store(float* p, F v) { std::memcpy(p, &v, sizeof v); }
 inline void store(uint16_t* p, F v) {
     for (int i = 0; i < 8; i++) p[i] = float_to_bf16(v[i]);
@@ -432,6 +454,11 @@ constexpr long QSTEP = 2 * LANES;  // int8 or int4 weights per dot_pairs
 using QX = I16;                    // as dot_pairs takes the activations
 using QW = I16;                    // and the weights
 #endif
+// The column, within 2 LANES bf16 weights, that lane i of load_pair's two vectors holds (i < LANES: of the first):
+// each run of 8 weights (a 128-bit lane) gives its first 4 to the first vector and its last 4 to the second, which
+// widens each vector with one shuffle (interleaving with zeros) instead of two instructions.
+constexpr long pair_column(long i) { return i % LANES / 4 * 8 + i / LANES * 4 + i % 4; }
+
 // Whether the matmuls' blocks and tiles may take 8 rows of x: 32 vector registers, and int32 accumulators of one
 // register each (not the three of split activations).
 constexpr bool EIGHT_ROWS = REGISTERS >= 32 && sizeof(I32) == sizeof(F);
@@ -458,13 +485,15 @@ struct Activations {
     long group = 0;
     std::vector<float> sums;
     std::vector<int32_t> q_sums;
+    std::vector<float> paired;  // for bf16 weights in a decode step: x, each 2 LANES columns in pair_column's order
 };
 
-// Columns per step of each weight type's loop, the same in every build (a multiple of 2 LANES), so that every build
-// rounds the same columns: the K % vector_width tail is computed in fp32 from x itself.
+// Columns per step of each weight type's loop, the same in every build (a multiple of every build's step: 2 LANES for
+// bf16, int8 and int4 weights, LANES for fp32), so that every build rounds the same columns: the K % vector_width
+// tail is computed in fp32 from x itself.
 template <typename T>
 constexpr long vector_width() {
-    return std::is_same<T, Nibbles>::value ? 64 : std::is_same<T, int8_t>::value ? 32 : 16;
+    return std::is_same<T, Nibbles>::value ? 64 : std::is_same<T, float>::value ? 16 : 32;
 }
 
 // The activations of QSTEP columns from element i of a.q on, as dot_pairs takes them.
@@ -503,10 +532,33 @@ inline void prefetch_next(const T* rows, const Block& b, long K, long k) {
         for (long r = 0; r < R; r++) __builtin_prefetch(rows + (r * b.apart + b.next) * row_elems<T>(K) + k, 0, 3);
 }
 
-// Dot products of M rows of x, m0.., with the R rows of W of block b, the first at `rows`, bf16 (or fp32: widened for
-// a prompt), over k in [0, k_end), k_end a multiple of 16.
-template <long M, long R, typename W>
-inline void dot_block(const Activations& a, long m0, const W* rows, const Block& b, const void*, bool, long K,
+// Dot products of M rows of x, m0.., with the R rows of W of block b, the first at `rows`, bf16, over k in
+// [0, k_end), k_end a multiple of 2 LANES: 2 LANES weights of a row widened by load_pair meet x's columns in the same
+// order (a.paired).
+template <long M, long R>
+inline void dot_block(const Activations& a, long m0, const uint16_t* rows, const Block& b, const void*, bool, long K,
+                      long k_end, float out[M][R]) {
+    F acc[M][R];
+    for (long m = 0; m < M; m++)
+        for (long r = 0; r < R; r++) acc[m][r] = zeros();
+    for (long k = 0; k < k_end; k += 2 * LANES) {
+        prefetch_next<R>(rows, b, K, k);
+        F first[R], second[R];
+        for (long r = 0; r < R; r++) load_pair(rows + r * b.apart * K + k, first[r], second[r]);
+        for (long m = 0; m < M; m++) {
+            const float* x = a.paired.data() + (m0 + m) * K + k;
+            const F x_first = load(x), x_second = load(x + LANES);
+            for (long r = 0; r < R; r++)
+                acc[m][r] = mul_add(x_second, second[r], mul_add(x_first, first[r], acc[m][r]));
+        }
+    }
+    for (long m = 0; m < M; m++)
+        for (long r = 0; r < R; r++) out[m][r] = sum_of(acc[m][r]);
+}
+
+// The same for fp32 rows (a prompt's bf16 weights, widened once per panel) against x itself, k_end a multiple of 16.
+template <long M, long R>
+inline void dot_block(const Activations& a, long m0, const float* rows, const Block& b, const void*, bool, long K,
                       long k_end, float out[M][R]) {
     F acc[M][R];
     for (long m = 0; m < M; m++)
@@ -708,6 +760,12 @@ void convert_activations(const void* x, bool act_bf16, long M, long K, long grou
     else
         std::memcpy(a.x.data(), x, M * K * sizeof(float));
     if (int16_activations<T>()) round_to_int16(a, M, K, K - K % vector_width<T>());
+    if (std::is_same<T, uint16_t>::value && M <= MAX_ROWS) {  // bf16 weights met as they are, not widened per panel
+        a.paired.resize(M * K);
+        for (long m = 0; m < M; m++)
+            for (long k = 0; k < K - K % vector_width<T>(); k += 2 * LANES)
+                for (long i = 0; i < 2 * LANES; i++) a.paired[m * K + k + i] = a.x[m * K + k + pair_column(i)];
+    }
     if (std::is_same<T, Nibbles>::value) {
         a.group = group;
         a.sums.assign(M * K / group, 0.0f);
