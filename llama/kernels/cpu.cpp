@@ -708,7 +708,9 @@ inline void rows(const Activations& a, long m0, const T* w_rows, const Block& b,
 }
 
 // Output rows per block for M rows of x: enough to give the hardware prefetcher R streams, few enough that the M R
-// accumulators (twice that with int16 activations) and the R weight vectors fit in the vector registers.
+// accumulators (twice that with int16 activations) and the R weight vectors fit in the vector registers. (On 16
+// registers, 4 rows of x take 2 rows of int8 or int4 weights: the fp32 halves of the accumulators, touched once per
+// QBLOCK, then wait in memory, and each activation loaded meets two weight rows.)
 template <typename T>
 constexpr long block_rows(long M) {
     if (REGISTERS >= 32) {
@@ -716,7 +718,7 @@ constexpr long block_rows(long M) {
         if (int16_activations<T>()) return M == 1 ? 4 : M <= 3 ? 2 : 1;  // accumulators of three registers
         return M == 1 ? 8 : M <= 4 ? 4 : 2;
     }
-    if (int16_activations<T>()) return M == 1 ? 4 : M <= 3 ? 2 : 1;
+    if (int16_activations<T>()) return M == 1 ? 4 : M <= 4 ? 2 : 1;
     return M <= 2 ? 4 : M <= 6 ? 2 : 1;
 }
 
