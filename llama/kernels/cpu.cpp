@@ -791,6 +791,7 @@ constexpr long DECODE_TILE = EIGHT_ROWS ? MAX_ROWS : 6;
 // read R long runs of memory at once (blocks of consecutive rows read R runs of one row each, which with short rows
 // leaves a third of the memory bandwidth unused); 7 or 8 rows in two halves over shared blocks. More rows go in tiles
 // of TILE_ROWS over panels of weights that stay in cache, bf16 ones widened to fp32 once per panel, not per tile.
+// Both of these are bound by the vector units, not memory: their panels go to the threads as they come free.
 template <typename T>
 void matmul(const void* x, const T* w, const void* scales, void* y, int act_bf16, long M, long N, long K,
            long group = 0) {
@@ -826,14 +827,11 @@ void matmul(const void* x, const T* w, const void* scales, void* y, int act_bf16
         for (long m0 = 0; m0 < M; m0 += tile)
             panel_of(std::min(tile, M - m0), a, m0, panel_w, scales, y, act_bf16, N, K, n_begin, n_end);
     };
-    const long panels = (N + step - 1) / step;
-    if (decode) {  // streamed: each thread its own stretch of W
-#pragma omp parallel for schedule(static)
-        for (long p = 0; p < panels; p++) run_panel(p);
-    } else {  // compute-bound: each panel to the next free thread, so that a core slowed by other work holds none up
-#pragma omp parallel for schedule(dynamic)
-        for (long p = 0; p < panels; p++) run_panel(p);
-    }
+    // Compute-bound, so each panel goes to the next free thread: a core slowed by other work holds none up. A decode
+    // step's panels go four at a time, so that each thread still streams runs of consecutive weight rows.
+    const long panels = (N + step - 1) / step, chunk = decode ? 4 : 1;
+#pragma omp parallel for schedule(dynamic, chunk)
+    for (long p = 0; p < panels; p++) run_panel(p);
 }
 
 // A layer's linear: weight (N, K) bf16 when scales is null; else int8 with scales (N,) when int4_group is 0, else
