@@ -162,7 +162,8 @@ def test_kernels_build_into_cache_atomically(tmp_path):
 # The builds of each instruction set for this machine's architecture: the -march that selects it, and the flags of
 # /proc/cpuinfo a CPU needs to run it.
 BUILDS = {
-    "x86_64": {"avx512": ("-march=skylake-avx512", {"avx512f", "avx512bw", "avx512vl"}),
+    "x86_64": {"avx512-bf16": ("-march=cooperlake", {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}),
+               "avx512": ("-march=skylake-avx512", {"avx512f", "avx512bw", "avx512vl"}),
                "avx2": ("-march=haswell", {"avx2", "fma", "f16c"}),
                "portable": ("-march=x86-64", set())},
     "aarch64": {"neon-dotprod": ("-march=armv8.2-a+dotprod", {"asimddp"}), "neon": ("-march=armv8-a", set()),
@@ -171,7 +172,7 @@ BUILDS = {
 
 
 @needs_kernels
-@pytest.mark.parametrize("isa", ["avx512", "avx2", "neon-dotprod", "neon", "portable"])
+@pytest.mark.parametrize("isa", ["avx512-bf16", "avx512", "avx2", "neon-dotprod", "neon", "portable"])
 def test_every_build_this_cpu_runs_passes_these_tests(isa, tmp_path):
     builds = BUILDS.get(platform.machine(), {})
     if isa not in builds:

@@ -4,7 +4,9 @@
 // - Matmuls y (M, N) = x (M, K) @ W (N, K)^T for a few rows M (the batch of one decode step), with W in bf16, in
 //   int8 with one scale per output row, or in int4 with a scale and a zero per group of a row (see Nibbles). Each
 //   weight is read from memory once and widened in registers, so the loop runs at memory bandwidth; oneDNN instead
-//   emulates bf16 on CPUs without native bf16 math, and PyTorch's int8 kernel streams well below bandwidth. For int8
+//   emulates bf16 on CPUs without native bf16 math, and PyTorch's int8 kernel streams well below bandwidth. (With
+//   AVX512-BF16, bf16 weights meet bf16 activations as they are, in vdpbf16ps: exact products of pairs, summed in
+//   fp32, twice the products per instruction of widening to fp32 for the compute-bound steps of 4-8 rows.) For int8
 //   and int4 weights the activations are rounded to int16, with one fp32 scale per QBLOCK of each row, and multiplied
 //   by the weights as exact integer dot products (vpmaddwd, vpdpwssd, smlal; sdot, on ARM with the dot-product
 //   extension, of the activations split in three int8 planes): half the instructions of widening every weight to
@@ -104,9 +106,16 @@ inline long max_threads() {
 // dot_pairs (acc + products of x and w, summed into int32 lanes two or four at a time: only the sum over all lanes
 // is used), in_lane0, int_sub, to_float, store_rounded (LANES floats to int16, to nearest even). QX and QW are I16
 // (2 LANES int16, QSTEP = 2 LANES) but where LLAMA_SPLIT_ACTIVATIONS splits the activations into int8 planes.
+// With LLAMA_BF16_PAIRS (AVX512-BF16): BF16Pairs (2 LANES bf16), load_pairs, and dot_pairs of two BF16Pairs (acc +
+// the products of x and w, summed into fp32 lanes two at a time).
 
 #if defined(LLAMA_AVX512)
+#ifdef __AVX512BF16__
+#define LLAMA_BF16_PAIRS 1
+constexpr const char* ISA = "avx512-bf16";
+#else
 constexpr const char* ISA = "avx512";
+#endif
 constexpr long LANES = 16, REGISTERS = 32;
 using F = __m512;
 using I16 = __m512i;
@@ -181,6 +190,11 @@ inline F to_float(I32 v) { return _mm512_cvtepi32_ps(v); }
 inline void store_rounded(int16_t* q, F v) {
     _mm256_storeu_si256((__m256i*)q, _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(v)));
 }
+#ifdef LLAMA_BF16_PAIRS
+using BF16Pairs = __m512bh;
+inline BF16Pairs load_pairs(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
+inline F dot_pairs(F acc, BF16Pairs x, BF16Pairs w) { return _mm512_dpbf16_ps(acc, x, w); }
+#endif
 
 #elif defined(LLAMA_AVX2)
 constexpr const char* ISA = "avx2";
@@ -486,6 +500,7 @@ struct Activations {
     std::vector<float> sums;
     std::vector<int32_t> q_sums;
     std::vector<float> paired;  // for bf16 weights in a decode step: x, each 2 LANES columns in pair_column's order
+    const uint16_t* x_bf16 = nullptr;  // with LLAMA_BF16_PAIRS, x itself where it is bf16 (during the call)
 };
 
 // Columns per step of each weight type's loop, the same in every build (a multiple of every build's step: 2 LANES for
@@ -534,14 +549,25 @@ inline void prefetch_next(const T* rows, const Block& b, long K, long k) {
 
 // Dot products of M rows of x, m0.., with the R rows of W of block b, the first at `rows`, bf16, over k in
 // [0, k_end), k_end a multiple of 2 LANES: 2 LANES weights of a row widened by load_pair meet x's columns in the same
-// order (a.paired).
+// order (a.paired); or, with LLAMA_BF16_PAIRS and x in bf16, meet x as they are in dot_pairs.
 template <long M, long R>
 inline void dot_block(const Activations& a, long m0, const uint16_t* rows, const Block& b, const void*, bool, long K,
                       long k_end, float out[M][R]) {
     F acc[M][R];
     for (long m = 0; m < M; m++)
         for (long r = 0; r < R; r++) acc[m][r] = zeros();
-    for (long k = 0; k < k_end; k += 2 * LANES) {
+#ifdef LLAMA_BF16_PAIRS
+    for (long k = 0; a.x_bf16 != nullptr && k < k_end; k += 2 * LANES) {
+        prefetch_next<R>(rows, b, K, k);
+        BF16Pairs w[R];
+        for (long r = 0; r < R; r++) w[r] = load_pairs(rows + r * b.apart * K + k);
+        for (long m = 0; m < M; m++) {
+            const BF16Pairs x = load_pairs(a.x_bf16 + (m0 + m) * K + k);
+            for (long r = 0; r < R; r++) acc[m][r] = dot_pairs(acc[m][r], x, w[r]);
+        }
+    }
+#endif
+    for (long k = 0; a.x_bf16 == nullptr && k < k_end; k += 2 * LANES) {
         prefetch_next<R>(rows, b, K, k);
         F first[R], second[R];
         for (long r = 0; r < R; r++) load_pair(rows + r * b.apart * K + k, first[r], second[r]);
@@ -762,7 +788,11 @@ void convert_activations(const void* x, bool act_bf16, long M, long K, long grou
     else
         std::memcpy(a.x.data(), x, M * K * sizeof(float));
     if (int16_activations<T>()) round_to_int16(a, M, K, K - K % vector_width<T>());
-    if (std::is_same<T, uint16_t>::value && M <= MAX_ROWS) {  // bf16 weights met as they are, not widened per panel
+    a.x_bf16 = nullptr;
+#ifdef LLAMA_BF16_PAIRS
+    if (std::is_same<T, uint16_t>::value && M <= MAX_ROWS && act_bf16) a.x_bf16 = static_cast<const uint16_t*>(x);
+#endif
+    if (std::is_same<T, uint16_t>::value && M <= MAX_ROWS && a.x_bf16 == nullptr) {  // bf16 weights, not widened
         a.paired.resize(M * K);
         for (long m = 0; m < M; m++)
             for (long k = 0; k < K - K % vector_width<T>(); k += 2 * LANES)

@@ -9,8 +9,8 @@ them to ctypes; an entry point that fails returns a message, raised here as a Ru
 The cache lives in $LLAMA_KERNEL_CACHE, else ~/.cache/llama; the file name hashes the source, the compiler command
 and this CPU's flags, so an edit, a new compiler or another machine sharing the home directory gets its own build.
 $CXX picks the compiler and $LLAMA_KERNEL_FLAGS replaces the flags tried: the flags choose the instruction set of the
-kernels' vector code (AVX-512, AVX2 with FMA, NEON with or without sdot, else portable loops; `isa()` says which), e.g.
-"-O3 -march=haswell -fopenmp" builds the AVX2 kernels on an AVX-512 CPU.
+kernels' vector code (AVX-512 with or without BF16, AVX2 with FMA, NEON with or without sdot, else portable loops;
+`isa()` says which), e.g. "-O3 -march=haswell -fopenmp" builds the AVX2 kernels on an AVX-512 CPU.
 """
 
 import ctypes
@@ -149,8 +149,8 @@ def check(error: Optional[bytes]) -> None:
 
 
 def isa() -> Optional[str]:
-    """The instruction set the kernels were built for (avx512, avx2, neon-dotprod, neon or portable), or None without
-    kernels."""
+    """The instruction set the kernels were built for (avx512-bf16, avx512, avx2, neon-dotprod, neon or portable), or
+    None without kernels."""
     lib = library()
     return lib.llama_isa().decode() if lib is not None else None
 
