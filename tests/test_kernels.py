@@ -1,6 +1,6 @@
 """The CPU kernels of llama/kernels/cpu.cpp against PyTorch references, in the build for this CPU and, through
 subprocesses, in every other build this machine can run: the AVX2 and portable builds on an AVX-512 CPU, and the
-NEON build, cross-compiled and run under qemu-aarch64 with the C++ driver tests/kernels_check.cpp."""
+NEON builds, cross-compiled and run under qemu-aarch64 with the C++ driver tests/kernels_check.cpp."""
 
 import os
 import platform
@@ -166,13 +166,14 @@ BUILDS = {
                "avx512": ("-march=skylake-avx512", {"avx512f", "avx512bw", "avx512vl"}),
                "avx2": ("-march=haswell", {"avx2", "fma", "f16c"}),
                "portable": ("-march=x86-64", set())},
-    "aarch64": {"neon-dotprod": ("-march=armv8.2-a+dotprod", {"asimddp"}), "neon": ("-march=armv8-a", set()),
+    "aarch64": {"neon-bf16": ("-march=armv8.6-a", {"asimddp", "bf16"}),
+                "neon-dotprod": ("-march=armv8.2-a+dotprod", {"asimddp"}), "neon": ("-march=armv8-a", set()),
                 "portable": ("-march=armv8-a+nosimd", set())},
 }
 
 
 @needs_kernels
-@pytest.mark.parametrize("isa", ["avx512-bf16", "avx512", "avx2", "neon-dotprod", "neon", "portable"])
+@pytest.mark.parametrize("isa", ["avx512-bf16", "avx512", "avx2", "neon-bf16", "neon-dotprod", "neon", "portable"])
 def test_every_build_this_cpu_runs_passes_these_tests(isa, tmp_path):
     builds = BUILDS.get(platform.machine(), {})
     if isa not in builds:
@@ -211,10 +212,11 @@ def test_kernels_check_passes_on_this_cpu(tmp_path):
     assert run_kernels_check([compiler, "-O2", "-march=native"], [], tmp_path).endswith(", 0 failed")
 
 
-@pytest.mark.parametrize("isa", ["neon-dotprod", "neon"])
+@pytest.mark.parametrize("isa", ["neon-bf16", "neon-dotprod", "neon"])
 def test_neon_builds_pass_kernels_check_under_qemu(isa, tmp_path):
-    """Both NEON builds, with the dot-product extension (int8 and int4 through sdot) and without (smlal), cross-compiled
-    and run under qemu-aarch64, whose default CPU has every extension."""
+    """The NEON builds, with the BF16 extension (bf16 decode steps through bfdot) and the dot-product one, with the
+    dot-product extension only (int8 and int4 through sdot), and with neither (smlal), cross-compiled and run under
+    qemu-aarch64, whose default CPU has every extension."""
     if platform.machine() == "aarch64":
         pytest.skip("an ARM machine runs the NEON builds natively in the tests above")
     compiler, qemu = shutil.which("aarch64-linux-gnu-g++"), shutil.which("qemu-aarch64")

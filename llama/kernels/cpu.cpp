@@ -5,15 +5,15 @@
 //   int8 with one scale per output row, or in int4 with a scale and a zero per group of a row (see Nibbles). Each
 //   weight is read from memory once and widened in registers, so the loop runs at memory bandwidth; oneDNN instead
 //   emulates bf16 on CPUs without native bf16 math, and PyTorch's int8 kernel streams well below bandwidth. (With
-//   AVX512-BF16, bf16 weights meet bf16 activations as they are, in vdpbf16ps: exact products of pairs, summed in
-//   fp32, twice the products per instruction of widening to fp32 for the compute-bound steps of 4-8 rows.) For int8
-//   and int4 weights the activations are rounded to int16, with one fp32 scale per QBLOCK of each row, and multiplied
-//   by the weights as exact integer dot products (vpmaddwd, vpdpwssd, smlal; sdot, on ARM with the dot-product
-//   extension, of the activations split in three int8 planes): half the instructions of widening every weight to
-//   fp32 or fewer. The rounding is at most 2^-16 of the block's largest activation, far below the int8
-//   weights' own (2^-8 of the row's largest weight). (int8 activations, as llama.cpp's q8_0 takes them, would cost
-//   about as many instructions per weight on AVX2 (vpmaddubsw needs its operands' signs moved first) for 128 times
-//   the rounding.)
+//   AVX512-BF16 or ARM's BF16 extension, bf16 weights meet bf16 activations as they are, in vdpbf16ps or bfdot: exact
+//   products of pairs, summed in fp32, twice the products per instruction of widening to fp32 for the compute-bound
+//   steps of 4-8 rows.) For int8 and int4 weights the activations are rounded to int16, with one fp32 scale per
+//   QBLOCK of each row, and multiplied by the weights as exact integer dot products (vpmaddwd, vpdpwssd, smlal; sdot,
+//   on ARM with the dot-product extension, of the activations split in three int8 planes): half the instructions of
+//   widening every weight to fp32 or fewer. The rounding is at most 2^-16 of the block's largest activation, far
+//   below the int8 weights' own (2^-8 of the row's largest weight). (int8 activations, as llama.cpp's q8_0 takes
+//   them, would cost about as many instructions per weight on AVX2 (vpmaddubsw needs its operands' signs moved first)
+//   for 128 times the rounding.)
 // - RMSNorm and a decode step's attention, which PyTorch spreads over a dozen ops whose dispatch costs more than the
 //   arithmetic. Attention runs the query heads that share a KV head together, so each reads the cache once; it
 //   scores a vector's width of positions per pass and takes exp in vectors. Every sequence has its own position and
@@ -106,8 +106,8 @@ inline long max_threads() {
 // dot_pairs (acc + products of x and w, summed into int32 lanes two or four at a time: only the sum over all lanes
 // is used), in_lane0, int_sub, to_float, store_rounded (LANES floats to int16, to nearest even). QX and QW are I16
 // (2 LANES int16, QSTEP = 2 LANES) but where LLAMA_SPLIT_ACTIVATIONS splits the activations into int8 planes.
-// With LLAMA_BF16_PAIRS (AVX512-BF16): BF16Pairs (2 LANES bf16), load_pairs, and dot_pairs of two BF16Pairs (acc +
-// the products of x and w, summed into fp32 lanes two at a time).
+// With LLAMA_BF16_PAIRS (AVX512-BF16, ARM's BF16 extension): BF16Pairs (2 LANES bf16), load_pairs, and dot_pairs of
+// two BF16Pairs (acc + the products of x and w, summed into fp32 lanes two at a time).
 
 #if defined(LLAMA_AVX512)
 #ifdef __AVX512BF16__
@@ -318,7 +318,14 @@ inline void store_rounded(int16_t* q, F v) { vst1_s16(q, vqmovn_s32(vcvtnq_s32_f
 // low in 0..127, is split once per call into three int8 planes that each meet the weights as loaded, in their own
 // int32 lanes, joined exactly by to_float. Three sdot per 16 weights, against two widenings and four smlal.
 #define LLAMA_SPLIT_ACTIVATIONS 1
+#ifdef __ARM_FEATURE_BF16_VECTOR_ARITHMETIC
+// With the BF16 extension too (Armv8.6-A: Graviton 3 and 4, Neoverse V1, V2 and N2, Apple M2 and later), bf16 weights
+// meet bf16 activations in bfdot, as vdpbf16ps does in the avx512-bf16 build.
+#define LLAMA_BF16_PAIRS 1
+constexpr const char* ISA = "neon-bf16";
+#else
 constexpr const char* ISA = "neon-dotprod";
+#endif
 constexpr long QSTEP = 16;
 struct I32 {
     int32x4_t high, middle, low;
@@ -346,6 +353,11 @@ inline I32 int_sub(I32 a, I32 b) {
 inline F to_float(I32 v) {
     return vcvtq_f32_s32(vaddq_s32(vshlq_n_s32(v.high, 14), vaddq_s32(vshlq_n_s32(v.middle, 7), v.low)));
 }
+#ifdef LLAMA_BF16_PAIRS
+using BF16Pairs = bfloat16x8_t;
+inline BF16Pairs load_pairs(const uint16_t* p) { return vreinterpretq_bf16_u16(vld1q_u16(p)); }
+inline F dot_pairs(F acc, BF16Pairs x, BF16Pairs w) { return vbfdotq_f32(acc, x, w); }
+#endif
 #else
 constexpr const char* ISA = "neon";
 using I16 = int16x8_t;

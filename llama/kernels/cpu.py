@@ -149,8 +149,8 @@ def check(error: Optional[bytes]) -> None:
 
 
 def isa() -> Optional[str]:
-    """The instruction set the kernels were built for (avx512-bf16, avx512, avx2, neon-dotprod, neon or portable), or
-    None without kernels."""
+    """The instruction set the kernels were built for (avx512-bf16, avx512, avx2, neon-bf16, neon-dotprod, neon or
+    portable), or None without kernels."""
     lib = library()
     return lib.llama_isa().decode() if lib is not None else None
 
