@@ -268,7 +268,7 @@ inline I32 dot_pairs(I32 acc, I16 x, I16 w) {
     // The sum goes into acc's own register: from _mm256_add_epi32, GCC adds into the products' register and copies
     // the sum back to the accumulator's, one more instruction per accumulator per step of the int8 and int4 loops.
     const __m256i products = _mm256_madd_epi16(x, w);
-    __asm__("vpaddd %1, %0, %0" : "+x"(acc) : "x"(products));
+    __asm__("vpaddd {%1, %0, %0|%0, %0, %1}" : "+x"(acc) : "x"(products));  // AT&T | Intel syntax
     return acc;
 #endif
 }
