@@ -81,10 +81,11 @@ class CpuLinear(ParallelLinear):
 
     Its matmuls run the kernels of kernels/cpu.cpp: a decode step's rows (up to cpu.DECODE_ROWS) read each weight
     once, at memory bandwidth; a prompt's rows go through in tiles over panels of weights held in cache. Past
-    BF16_KERNEL_ROWS rows of bf16 weights, and past a decode step's on CPUs with native bf16 math, PyTorch's GEMM
-    runs instead, on the weight widened a block of rows at a time into the shared scratch: to fp32 on CPUs without
-    native bf16 math (where oneDNN's emulated bf16 is several times slower than sgemm), else to the activations'
-    dtype. (On long prompts sgemm outruns our bf16 tiles; our int8 and int4 tiles outrun dequantizing for it.)
+    BF16_KERNEL_ROWS rows of bf16 weights or QUANTIZED_KERNEL_ROWS of int8 and int4 ones, and past a decode step's on
+    CPUs with native bf16 math, PyTorch's GEMM runs instead, on the weight widened a block of rows at a time into the
+    shared scratch: to fp32 on CPUs without native bf16 math (where oneDNN's emulated bf16 is several times slower
+    than sgemm), else to the activations' dtype. (On long prompts sgemm outruns our tiles, by more than it costs to
+    widen or dequantize each weight once per call.)
     """
 
     def __init__(self, layer: nn.Module, world_size: int, weight: torch.Tensor, scales: Optional[torch.Tensor],
@@ -111,14 +112,18 @@ class CpuLinear(ParallelLinear):
         out = self.scratch.get(rows.shape, dtype).copy_(rows)
         return out if self.scales is None else out.mul_(self.scales[first:last, None])
 
-    # Rows of x past which bf16 weights go to PyTorch's GEMM (see the class docstring; docs/performance.md).
+    # Rows of x past which bf16 weights, and int8 or int4 ones, go to PyTorch's GEMM (see the class docstring; where
+    # the two cross: docs/performance.md). Dequantizing costs more than widening bf16, and our int8 and int4 tiles
+    # run well below their products' peak, so sgemm overtakes them sooner.
     BF16_KERNEL_ROWS = 384
+    QUANTIZED_KERNEL_ROWS = 96
 
     def uses_kernel(self, rows: int) -> bool:
         """Whether a matmul of this many rows of x runs our kernel (else PyTorch's GEMM on a widened weight)."""
         if rows <= cpu.DECODE_ROWS:
             return True
-        return not self.native_bf16 and (self.scales is not None or rows <= self.BF16_KERNEL_ROWS)
+        return not self.native_bf16 and rows <= (self.BF16_KERNEL_ROWS if self.scales is None
+                                                 else self.QUANTIZED_KERNEL_ROWS)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.uses_kernel(x.numel() // x.shape[-1]):

@@ -98,15 +98,15 @@ def test_quantized_linears_compute_their_dequantized_weights(device, dtype):
 @pytest.mark.skipif(not cpu.available(), reason="no C++ compiler for the CPU kernels")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int4_cpu_kernel_linear_matches_pytorch_int4(dtype):
-    """Our int4 linear (decode rows on the streaming kernel, a prompt's on the GEMM from dequantized blocks) and
-    PyTorch's compute the same layer."""
+    """Our int4 linear (decode rows on the streaming kernel; a prompt's in its tiles, or past 96 rows, or with
+    native bf16 math, on the GEMM from dequantized blocks) and PyTorch's compute the same layer."""
     gen = torch.Generator().manual_seed(2)
     w = torch.randn(96, 256, generator=gen)
     q, sz = quantize_int4(w, 64)
     ours = int4_linear(layer_with(w), 1, q, sz.to(dtype), 64, Scratch())
     assert isinstance(ours, CpuLinear) and ours.weight.dtype == torch.uint8 and ours.weight.shape == (96, 128)
     theirs = Int4Linear(layer_with(w), 1, q, sz.to(dtype), group_size=64)
-    for rows in (1, 8, 20):  # the kernel's largest batch, and a prompt
+    for rows in (1, 8, 20, 120):  # the kernel's largest batch, and prompts
         x = torch.randn(rows, 256, generator=gen).to(dtype)
         with torch.inference_mode():
             out, reference = ours(x).float(), theirs(x).float()
