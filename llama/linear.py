@@ -113,9 +113,9 @@ class CpuLinear(ParallelLinear):
         return out if self.scales is None else out.mul_(self.scales[first:last, None])
 
     # Rows of x past which bf16 weights, and int8 or int4 ones, go to PyTorch's GEMM (see the class docstring; where
-    # the two cross: docs/performance.md). Dequantizing costs more than widening bf16, and our int8 and int4 tiles
-    # run well below their products' peak, so sgemm overtakes them sooner.
-    BF16_KERNEL_ROWS = 384
+    # the two cross, per build: docs/performance.md). Our int8 and int4 tiles do more products per instruction than
+    # the bf16 ones (widened to fp32, as sgemm's), which makes up for dequantizing over more rows.
+    BF16_KERNEL_ROWS = 32
     QUANTIZED_KERNEL_ROWS = 96
 
     def uses_kernel(self, rows: int) -> bool:

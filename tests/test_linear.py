@@ -52,10 +52,10 @@ def test_cpu_linear_matches_f_linear(rows, native_bf16, quantized, monkeypatch):
         out = linear(x)
     assert out.dtype == torch.bfloat16 and out.shape == (2, rows, 96)
     # 2 rows x `rows` of x: up to a decode step's take the kernel; more take its tiles, or the widened-weight GEMM
-    # (past 384 rows of bf16 weights or 96 of int8 ones, or with native bf16 math): all sum exact products in fp32,
+    # (past 32 rows of bf16 weights or 96 of int8 ones, or with native bf16 math): all sum exact products in fp32,
     # so only the final rounding to bf16 differs. With native bf16 math the GEMM runs in bf16 from a weight rounded
     # to bf16.
-    kernel_rows = 96 if quantized else 384
+    kernel_rows = 96 if quantized else 32
     assert linear.uses_kernel(rows * 2) == (rows * 2 <= 8 or not native_bf16 and rows * 2 <= kernel_rows)
     bf16_gemm = rows * 2 > 8 and native_bf16
     torch.testing.assert_close(out.float(), reference, rtol=2**-7, atol=(2**-5 if bf16_gemm else 2**-7) * 4)
