@@ -31,6 +31,11 @@ class CpuDecodeEngine:
         self.shape = shape
         self.max_batch = shape.max_batch
 
+    def takes(self, batch: int) -> bool:
+        """Whether a step of `batch` sequences should run here: up to max_batch, while the model's linears run our
+        kernels at that many rows. Past that their GEMM is faster, and the model's forward runs it."""
+        return batch <= self.max_batch and self.model.output.uses_kernel(batch)
+
     @classmethod
     def for_model(cls, model: Transformer) -> Optional["CpuDecodeEngine"]:
         """The engine for `model` (its KV caches set up), or None when the kernel cannot run it: not on the CPU in

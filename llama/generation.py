@@ -291,7 +291,7 @@ class Llama:
         if self.compiled_step is not None:
             return self.compiled_step(tokens, start_pos, rows)
         with self.thread_tuner.step(tokens.shape[0]) if self.thread_tuner else contextlib.nullcontext():
-            if self.engine is not None and tokens.shape[0] <= self.engine.max_batch:
+            if self.engine is not None and self.engine.takes(tokens.shape[0]):
                 return self.engine(tokens, start_pos, rows)
             return self.model.forward(tokens, start_pos, rows, cache_len)
 

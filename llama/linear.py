@@ -81,11 +81,10 @@ class CpuLinear(ParallelLinear):
 
     Its matmuls run the kernels of kernels/cpu.cpp: a decode step's rows (up to cpu.DECODE_ROWS) read each weight
     once, at memory bandwidth; a prompt's rows go through in tiles over panels of weights held in cache. Past
-    BF16_KERNEL_ROWS rows of bf16 weights or QUANTIZED_KERNEL_ROWS of int8 and int4 ones, and past a decode step's on
-    CPUs with native bf16 math, PyTorch's GEMM runs instead, on the weight widened a block of rows at a time into the
-    shared scratch: to fp32 on CPUs without native bf16 math (where oneDNN's emulated bf16 is several times slower
-    than sgemm), else to the activations' dtype. (On long prompts sgemm outruns our tiles, by more than it costs to
-    widen or dequantize each weight once per call.)
+    KERNEL_ROWS rows PyTorch's GEMM runs instead, on the weight widened a block of rows at a time into the shared
+    scratch: to fp32 on CPUs without native bf16 math (where oneDNN's emulated bf16 is several times slower than
+    sgemm), else to the activations' dtype. (Past a few dozen rows its GEMM outruns our tiles by more than it costs
+    to widen or dequantize each weight once per call.)
     """
 
     def __init__(self, layer: nn.Module, world_size: int, weight: torch.Tensor, scales: Optional[torch.Tensor],
@@ -112,18 +111,14 @@ class CpuLinear(ParallelLinear):
         out = self.scratch.get(rows.shape, dtype).copy_(rows)
         return out if self.scales is None else out.mul_(self.scales[first:last, None])
 
-    # Rows of x past which bf16 weights, and int8 or int4 ones, go to PyTorch's GEMM (see the class docstring; where
-    # the two cross, per build: docs/performance.md). Our int8 and int4 tiles do more products per instruction than
-    # the bf16 ones (widened to fp32, as sgemm's), which makes up for dequantizing over more rows.
-    BF16_KERNEL_ROWS = 32
-    QUANTIZED_KERNEL_ROWS = 96
+    # The most rows of x our kernels take, by (weights quantized, CPU with native bf16 math); past them PyTorch's GEMM
+    # on the widened weight is faster (where the two cross, per build: docs/performance.md). With native bf16 math
+    # that GEMM runs in bf16; int8 and int4 weights are dequantized for it on every call, so our tiles hold on longer.
+    KERNEL_ROWS = {(False, False): 32, (False, True): cpu.DECODE_ROWS, (True, False): 96, (True, True): 32}
 
     def uses_kernel(self, rows: int) -> bool:
         """Whether a matmul of this many rows of x runs our kernel (else PyTorch's GEMM on a widened weight)."""
-        if rows <= cpu.DECODE_ROWS:
-            return True
-        return not self.native_bf16 and rows <= (self.BF16_KERNEL_ROWS if self.scales is None
-                                                 else self.QUANTIZED_KERNEL_ROWS)
+        return rows <= self.KERNEL_ROWS[self.scales is not None, self.native_bf16]
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.uses_kernel(x.numel() // x.shape[-1]):

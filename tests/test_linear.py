@@ -52,12 +52,12 @@ def test_cpu_linear_matches_f_linear(rows, native_bf16, quantized, monkeypatch):
         out = linear(x)
     assert out.dtype == torch.bfloat16 and out.shape == (2, rows, 96)
     # 2 rows x `rows` of x: up to a decode step's take the kernel; more take its tiles, or the widened-weight GEMM
-    # (past 32 rows of bf16 weights or 96 of int8 ones, or with native bf16 math): all sum exact products in fp32,
-    # so only the final rounding to bf16 differs. With native bf16 math the GEMM runs in bf16 from a weight rounded
-    # to bf16.
-    kernel_rows = 96 if quantized else 32
-    assert linear.uses_kernel(rows * 2) == (rows * 2 <= 8 or not native_bf16 and rows * 2 <= kernel_rows)
-    bf16_gemm = rows * 2 > 8 and native_bf16
+    # (past 32 rows of bf16 weights or 96 of int8 ones; with native bf16 math past 8 and 32): all sum exact products
+    # in fp32, so only the final rounding to bf16 differs. With native bf16 math the GEMM runs in bf16 from a weight
+    # rounded to bf16.
+    kernel_rows = {(False, False): 32, (False, True): 8, (True, False): 96, (True, True): 32}[quantized, native_bf16]
+    assert linear.uses_kernel(rows * 2) == (rows * 2 <= kernel_rows)
+    bf16_gemm = rows * 2 > kernel_rows and native_bf16
     torch.testing.assert_close(out.float(), reference, rtol=2**-7, atol=(2**-5 if bf16_gemm else 2**-7) * 4)
 
 
@@ -169,6 +169,27 @@ def test_cpu_decode_engine_takes_more_sequences_than_a_decode_steps_matmul(build
     with torch.inference_mode():
         model.forward(tokens, 0)
         torch.testing.assert_close(engine(step, start), model.forward(step, start), rtol=0, atol=2e-2)
+
+
+@needs_kernels
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_decode_steps_past_the_kernels_rows_run_the_models_forward(build, monkeypatch, native_bf16):
+    """A decode step of more sequences than the linears' kernels take (bf16 weights with native bf16 math: more than
+    8) runs the model's forward, whose GEMM is faster; fewer run the engine. Without native bf16 math 11 still fit."""
+    generator = build("gqa", dtype="bf16", max_batch_size=11)
+    for module in generator.model.modules():
+        if isinstance(module, CpuLinear):
+            module.native_bf16 = native_bf16
+    batches = []
+    engine_step = CpuDecodeEngine.__call__
+    monkeypatch.setattr(CpuDecodeEngine, "__call__", lambda self, tokens, *args: batches.append(len(tokens))
+                        or engine_step(self, tokens, *args))
+    tokens = torch.randint(3, 500, (11, 1), generator=torch.Generator().manual_seed(7))
+    with torch.inference_mode():
+        for bsz in (11, 8):
+            logits = generator.decode(tokens[:bsz], torch.full((bsz,), 5), None, 6)
+            assert logits.shape == (bsz, 1, generator.model.params.vocab_size)
+    assert batches == ([8] if native_bf16 else [11, 8])
 
 
 @needs_kernels
