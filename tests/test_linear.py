@@ -180,10 +180,14 @@ def test_decode_steps_past_the_kernels_rows_run_the_models_forward(build, monkey
     for module in generator.model.modules():
         if isinstance(module, CpuLinear):
             module.native_bf16 = native_bf16
-    batches = []
+    batches = []  # of the steps the engine ran
     engine_step = CpuDecodeEngine.__call__
-    monkeypatch.setattr(CpuDecodeEngine, "__call__", lambda self, tokens, *args: batches.append(len(tokens))
-                        or engine_step(self, tokens, *args))
+
+    def counted_step(engine, tokens, *args):
+        batches.append(len(tokens))
+        return engine_step(engine, tokens, *args)
+
+    monkeypatch.setattr(CpuDecodeEngine, "__call__", counted_step)
     tokens = torch.randint(3, 500, (11, 1), generator=torch.Generator().manual_seed(7))
     with torch.inference_mode():
         for bsz in (11, 8):

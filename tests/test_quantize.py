@@ -98,8 +98,8 @@ def test_quantized_linears_compute_their_dequantized_weights(device, dtype):
 @pytest.mark.skipif(not cpu.available(), reason="no C++ compiler for the CPU kernels")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int4_cpu_kernel_linear_matches_pytorch_int4(dtype):
-    """Our int4 linear (decode rows on the streaming kernel; a prompt's in its tiles, or past 96 rows, or with
-    native bf16 math, on the GEMM from dequantized blocks) and PyTorch's compute the same layer."""
+    """Our int4 linear (decode rows on the streaming kernel; a prompt's in its tiles, or past 96 rows, 32 with native
+    bf16 math, on the GEMM from dequantized blocks) and PyTorch's compute the same layer."""
     gen = torch.Generator().manual_seed(2)
     w = torch.randn(96, 256, generator=gen)
     q, sz = quantize_int4(w, 64)
